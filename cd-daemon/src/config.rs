@@ -1,0 +1,561 @@
+//! Daemon configuration: TOML source → pure validation → resolution against the system.
+//!
+//! [`load`] reads one file and returns a [`Config`] whose every value has been checked;
+//! any problem is a [`ConfigError`] that names the file, the line and column, and the
+//! reason, and makes `cdd` exit with code 64. Unknown keys are errors (a typo must not
+//! silently disable a setting). Option names carry their units (`max_rate_bytes_per_sec`).
+//!
+//! Validation is split in two: [`parse`] checks the text alone (syntax, types, ranges,
+//! cross references between content sets and nodes), [`Config::resolve`] checks it
+//! against the machine (content roots exist and are directories, PKI files exist).
+//! `cdd check-config` runs both without starting anything.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration problem, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}:{line}:{column}: {reason}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem is not tied to a place (e.g. unreadable file).
+    pub line: usize,
+    pub column: usize,
+    pub reason: String,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub log_level: String,
+    pub master: Option<MasterConfig>,
+    pub node: Option<NodeConfig>,
+    /// Locations of values that resolution may reject.
+    spans: ResolveSpans,
+}
+
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    pub listen: SocketAddr,
+    pub pki_dir: PathBuf,
+    pub content_sets: Vec<MasterContentSet>,
+}
+
+/// A content set as the master sees it: who is the source, who receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterContentSet {
+    pub name: String,
+    pub source: String,
+    pub targets: Vec<String>,
+    pub zstd_level: i32,
+    /// 0 = unlimited.
+    pub max_rate_bytes_per_sec: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub master_addr: String,
+    pub master_name: String,
+    pub listen: SocketAddr,
+    pub join_token: Option<String>,
+    pub content_sets: Vec<NodeContentSet>,
+}
+
+/// A content set as a node sees it: where its root is on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeContentSet {
+    pub name: String,
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ResolveSpans {
+    pki_dir: Range<usize>,
+    roots: Vec<Range<usize>>,
+    join_token_file: Option<(PathBuf, Range<usize>)>,
+    text: String,
+}
+
+// ---- source (serde) -------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: Spanned<String>,
+    state_dir: Spanned<PathBuf>,
+    control_socket: Option<Spanned<PathBuf>>,
+    log: Option<RawLog>,
+    master: Option<RawMaster>,
+    node: Option<RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaster {
+    listen: Spanned<String>,
+    pki_dir: Spanned<PathBuf>,
+    #[serde(default)]
+    content_sets: Vec<RawMasterSet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMasterSet {
+    name: Spanned<String>,
+    source: Spanned<String>,
+    targets: Spanned<Vec<Spanned<String>>>,
+    zstd_level: Option<Spanned<i64>>,
+    max_rate_bytes_per_sec: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    master_addr: Spanned<String>,
+    master_name: Spanned<String>,
+    listen: Spanned<String>,
+    join_token: Option<Spanned<String>>,
+    join_token_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    content_sets: Vec<RawNodeSet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodeSet {
+    name: Spanned<String>,
+    root: Spanned<PathBuf>,
+}
+
+// ---- validation -------------------------------------------------------------------
+
+/// Reads and validates `file` (syntax and values; see [`Config::resolve`] for the rest).
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: 0,
+        column: 0,
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(file, &text)
+}
+
+/// Validates configuration `text` that came from `file`.
+pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    let err = |span: Range<usize>, reason: String| locate(file, text, span, reason);
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let reason = e.message().trim_end().to_owned();
+        err(e.span().unwrap_or(0..0), reason)
+    })?;
+
+    check_name(raw.name.get_ref()).map_err(|r| err(raw.name.span(), r))?;
+    let state_dir = absolute(&raw.state_dir).map_err(|r| err(raw.state_dir.span(), r))?;
+    let control_socket = match &raw.control_socket {
+        Some(s) => absolute(s).map_err(|r| err(s.span(), r))?,
+        None => state_dir.join("cdd.sock"),
+    };
+    let log_level = match &raw.log {
+        Some(l) => {
+            let v = l.level.get_ref();
+            if !["error", "warn", "info", "debug", "trace"].contains(&v.as_str()) {
+                return Err(err(
+                    l.level.span(),
+                    format!("log level `{v}` is not one of error, warn, info, debug, trace"),
+                ));
+            }
+            v.clone()
+        }
+        None => "info".to_owned(),
+    };
+
+    let mut spans = ResolveSpans {
+        text: text.to_owned(),
+        ..Default::default()
+    };
+
+    let master = match raw.master {
+        None => None,
+        Some(m) => {
+            let listen = parse_addr(&m.listen).map_err(|r| err(m.listen.span(), r))?;
+            let pki_dir = absolute(&m.pki_dir).map_err(|r| err(m.pki_dir.span(), r))?;
+            spans.pki_dir = m.pki_dir.span();
+            let mut names = BTreeSet::new();
+            let mut sets = Vec::new();
+            for s in &m.content_sets {
+                check_name(s.name.get_ref()).map_err(|r| err(s.name.span(), r))?;
+                if !names.insert(s.name.get_ref().clone()) {
+                    return Err(err(
+                        s.name.span(),
+                        format!("duplicate content set `{}`", s.name.get_ref()),
+                    ));
+                }
+                check_name(s.source.get_ref())
+                    .map_err(|r| err(s.source.span(), format!("source: {r}")))?;
+                if s.targets.get_ref().is_empty() {
+                    return Err(err(
+                        s.targets.span(),
+                        "targets must name at least one node".into(),
+                    ));
+                }
+                let mut seen = BTreeSet::new();
+                for t in s.targets.get_ref() {
+                    check_name(t.get_ref()).map_err(|r| err(t.span(), format!("target: {r}")))?;
+                    if t.get_ref() == s.source.get_ref() {
+                        return Err(err(
+                            t.span(),
+                            format!(
+                                "`{}` is the source; it cannot also be a target",
+                                t.get_ref()
+                            ),
+                        ));
+                    }
+                    if !seen.insert(t.get_ref().clone()) {
+                        return Err(err(
+                            t.span(),
+                            format!("target `{}` is listed twice", t.get_ref()),
+                        ));
+                    }
+                }
+                let zstd_level = match &s.zstd_level {
+                    None => 3,
+                    Some(l) if (1..=19).contains(l.get_ref()) => *l.get_ref() as i32,
+                    Some(l) => {
+                        return Err(err(
+                            l.span(),
+                            format!("zstd_level {} is out of range 1..=19", l.get_ref()),
+                        ));
+                    }
+                };
+                let max_rate_bytes_per_sec = match &s.max_rate_bytes_per_sec {
+                    None => 0,
+                    Some(r) if *r.get_ref() >= 0 => *r.get_ref() as u64,
+                    Some(r) => {
+                        return Err(err(r.span(), "max_rate_bytes_per_sec must be >= 0".into()));
+                    }
+                };
+                sets.push(MasterContentSet {
+                    name: s.name.get_ref().clone(),
+                    source: s.source.get_ref().clone(),
+                    targets: s
+                        .targets
+                        .get_ref()
+                        .iter()
+                        .map(|t| t.get_ref().clone())
+                        .collect(),
+                    zstd_level,
+                    max_rate_bytes_per_sec,
+                });
+            }
+            Some(MasterConfig {
+                listen,
+                pki_dir,
+                content_sets: sets,
+            })
+        }
+    };
+
+    let node = match raw.node {
+        None => None,
+        Some(n) => {
+            if n.master_addr
+                .get_ref()
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(err(
+                    n.master_addr.span(),
+                    format!("master_addr `{}` is not HOST:PORT", n.master_addr.get_ref()),
+                ));
+            }
+            check_name(n.master_name.get_ref())
+                .map_err(|r| err(n.master_name.span(), format!("master_name: {r}")))?;
+            let listen = parse_addr(&n.listen).map_err(|r| err(n.listen.span(), r))?;
+            let join_token = match (&n.join_token, &n.join_token_file) {
+                (Some(t), None) => Some(t.get_ref().trim().to_owned()),
+                (None, Some(f)) => {
+                    let p = absolute(f).map_err(|r| err(f.span(), r))?;
+                    spans.join_token_file = Some((p, f.span()));
+                    None
+                }
+                (None, None) => None,
+                (Some(_), Some(f)) => {
+                    return Err(err(
+                        f.span(),
+                        "set join_token or join_token_file, not both".into(),
+                    ));
+                }
+            };
+            let mut names = BTreeSet::new();
+            let mut sets = Vec::new();
+            for s in &n.content_sets {
+                check_name(s.name.get_ref()).map_err(|r| err(s.name.span(), r))?;
+                if !names.insert(s.name.get_ref().clone()) {
+                    return Err(err(
+                        s.name.span(),
+                        format!("duplicate content set `{}`", s.name.get_ref()),
+                    ));
+                }
+                let root = absolute(&s.root).map_err(|r| err(s.root.span(), r))?;
+                if root.starts_with(&state_dir) || state_dir.starts_with(&root) {
+                    return Err(err(
+                        s.root.span(),
+                        "a content root must not contain or lie inside state_dir".into(),
+                    ));
+                }
+                spans.roots.push(s.root.span());
+                sets.push(NodeContentSet {
+                    name: s.name.get_ref().clone(),
+                    root,
+                });
+            }
+            Some(NodeConfig {
+                master_addr: n.master_addr.get_ref().clone(),
+                master_name: n.master_name.get_ref().clone(),
+                listen,
+                join_token,
+                content_sets: sets,
+            })
+        }
+    };
+
+    if master.is_none() && node.is_none() {
+        return Err(err(
+            0..0,
+            "no role: add a [master] or a [node] table (or both)".into(),
+        ));
+    }
+
+    Ok(Config {
+        file: file.to_owned(),
+        name: raw.name.get_ref().clone(),
+        state_dir,
+        control_socket,
+        log_level,
+        master,
+        node,
+        spans,
+    })
+}
+
+impl Config {
+    /// Checks the configuration against this machine: content roots exist and are
+    /// directories, the PKI directory holds what `cdctl ca init` writes, a join token
+    /// file is readable. Fills `join_token` from `join_token_file`.
+    pub fn resolve(&mut self) -> Result<(), ConfigError> {
+        let file = self.file.clone();
+        let text = std::mem::take(&mut self.spans.text);
+        let err = |span: Range<usize>, reason: String| locate(&file, &text, span, reason);
+        if let Some(m) = &self.master {
+            for f in crate::pki::MASTER_FILES {
+                let p = m.pki_dir.join(f);
+                if !p.is_file() {
+                    return Err(err(
+                        self.spans.pki_dir.clone(),
+                        format!(
+                            "{} is missing (create it with `cdctl ca init --dir {}`)",
+                            p.display(),
+                            m.pki_dir.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(n) = &mut self.node {
+            for (s, span) in n.content_sets.iter().zip(&self.spans.roots) {
+                match std::fs::symlink_metadata(&s.root) {
+                    Ok(md) if md.is_dir() => {}
+                    Ok(_) => {
+                        return Err(err(
+                            span.clone(),
+                            format!("content root {} is not a directory", s.root.display()),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(err(
+                            span.clone(),
+                            format!("content root {}: {e}", s.root.display()),
+                        ));
+                    }
+                }
+            }
+            if let Some((p, span)) = &self.spans.join_token_file {
+                let t = std::fs::read_to_string(p).map_err(|e| {
+                    err(
+                        span.clone(),
+                        format!("join_token_file {}: {e}", p.display()),
+                    )
+                })?;
+                n.join_token = Some(t.trim().to_owned());
+            }
+        }
+        self.spans.text = text;
+        Ok(())
+    }
+
+    pub fn roles(&self) -> Vec<&'static str> {
+        let mut r = Vec::new();
+        if self.master.is_some() {
+            r.push("master");
+        }
+        if self.node.is_some() {
+            r.push("node");
+        }
+        r
+    }
+}
+
+fn locate(file: &Path, text: &str, span: Range<usize>, reason: String) -> ConfigError {
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(start, |i| start - i - 1) + 1;
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        column,
+        reason,
+    }
+}
+
+/// Node, master and content-set names: DNS labels, because node names are also the
+/// names in their TLS certificates.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name (1-63 of a-z, 0-9, `-`; not starting or ending with `-`)"
+        ))
+    }
+}
+
+fn absolute(p: &Spanned<PathBuf>) -> Result<PathBuf, String> {
+    let p = p.get_ref();
+    if p.is_absolute() {
+        Ok(p.clone())
+    } else {
+        Err(format!("{} must be an absolute path", p.display()))
+    }
+}
+
+fn parse_addr(s: &Spanned<String>) -> Result<SocketAddr, String> {
+    s.get_ref()
+        .parse()
+        .map_err(|_| format!("`{}` is not an IP:PORT address", s.get_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("/etc/cdsync/cdd.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+name = "node1"
+state_dir = "/var/lib/cdsync"
+
+[node]
+master_addr = "127.0.0.1:7700"
+master_name = "master"
+listen = "127.0.0.1:0"
+join_token = "cdj1.x"
+
+[[node.content_sets]]
+name = "www"
+root = "/srv/www"
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = p(GOOD).unwrap();
+        assert_eq!(c.name, "node1");
+        assert_eq!(c.control_socket, Path::new("/var/lib/cdsync/cdd.sock"));
+        assert_eq!(c.node.unwrap().content_sets[0].root, Path::new("/srv/www"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let cases = [
+            (
+                GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""),
+                8,
+                "not an IP:PORT",
+            ),
+            (
+                GOOD.replace("name = \"www\"", "name = \"www\"\nroot_dir = \"/x\""),
+                13,
+                "unknown field",
+            ),
+            (
+                GOOD.replace("name = \"node1\"", "name = \"Node_1\""),
+                2,
+                "not a valid name",
+            ),
+            (
+                GOOD.replace("root = \"/srv/www\"", "root = \"srv\""),
+                13,
+                "absolute",
+            ),
+            (
+                GOOD.replace("join_token = \"cdj1.x\"", "join_token = \"cdj1.x"),
+                9,
+                "",
+            ),
+        ];
+        for (text, line, why) in cases {
+            let e = p(&text).unwrap_err();
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.to_string().starts_with("/etc/cdsync/cdd.toml:"), "{e}");
+            assert!(e.reason.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn master_set_validation() {
+        let base = r#"
+name = "master"
+state_dir = "/var/lib/cdsync"
+[master]
+listen = "127.0.0.1:7700"
+pki_dir = "/etc/cdsync/pki"
+[[master.content_sets]]
+name = "www"
+source = "node1"
+targets = ["node2", "node3"]
+"#;
+        let c = p(base).unwrap();
+        assert_eq!(c.master.unwrap().content_sets[0].zstd_level, 3);
+        let e = p(&format!("{base}zstd_level = 99\n")).unwrap_err();
+        assert_eq!(e.line, 11);
+        assert!(e.reason.contains("out of range"), "{e}");
+        let e = p(&base.replace("\"node2\", \"node3\"", "\"node1\"")).unwrap_err();
+        assert!(e.reason.contains("cannot also be a target"), "{e}");
+        let e = p(&base.replace("[master]\nlisten = \"127.0.0.1:7700\"\npki_dir = \"/etc/cdsync/pki\"\n[[master.content_sets]]\nname = \"www\"\nsource = \"node1\"\ntargets = [\"node2\", \"node3\"]\n", "")).unwrap_err();
+        assert!(e.reason.contains("no role"), "{e}");
+    }
+}

@@ -1,0 +1,116 @@
+//! The cdsync daemon (`cdd`) and its CLI (`cdctl`).
+//!
+//! This crate does the I/O: configuration files, the cluster's TLS identity, the
+//! master and node roles, framed connections, scanning and applying trees, and the
+//! control socket. Protocol types and algorithms live in `cd-proto` and `cd-core`;
+//! nothing here decides *what* a replica should hold, only carries it out.
+//!
+//! Start-up follows one direction: [`config::load`] (pure validation) →
+//! [`config::Config::resolve`] (against this machine) → [`run`] (bind sockets, start
+//! roles). A configuration problem is reported before anything is bound.
+
+pub mod config;
+pub mod control;
+pub mod fs;
+pub mod master;
+pub mod net;
+pub mod node;
+pub mod pki;
+pub mod transfer;
+
+use std::sync::Arc;
+
+use control::{Handler, Request};
+
+/// A running daemon: its roles, reachable from the control socket.
+#[derive(Debug)]
+pub struct Daemon {
+    pub config: config::Config,
+    pub master: Option<Arc<master::Master>>,
+    pub node: Option<Arc<node::Node>>,
+}
+
+impl Handler for Daemon {
+    async fn handle(self: Arc<Self>, req: Request) -> Result<serde_json::Value, String> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Sync { content_set } => match (&self.master, &self.node) {
+                (Some(m), _) => m
+                    .run_job(content_set.as_deref())
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+                (None, Some(n)) => {
+                    let set = match content_set {
+                        Some(s) => s,
+                        None => n.single_set().map_err(|e| format!("{e:#}"))?,
+                    };
+                    let r = n.run_job(&set, 0).await;
+                    Ok(master::report_json(&r))
+                }
+                (None, None) => Err("no role".into()),
+            },
+            Request::TokenCreate { ttl_seconds } => match &self.master {
+                Some(m) => m.create_token(ttl_seconds).map_err(|e| format!("{e:#}")),
+                None => Err("join tokens are created on the master".into()),
+            },
+        }
+    }
+}
+
+impl Daemon {
+    pub fn status(&self) -> serde_json::Value {
+        let mut errors: Vec<String> = Vec::new();
+        let node = self.node.as_ref().map(|n| {
+            let s = n.status();
+            if let Some(e) = s["errors"].as_array() {
+                errors.extend(e.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+            }
+            s
+        });
+        serde_json::json!({
+            "name": self.config.name,
+            "roles": self.config.roles(),
+            "version": cd_proto::SOFTWARE_VERSION,
+            "control_socket": self.config.control_socket,
+            "master": self.master.as_ref().map(|m| m.status()),
+            "node": node,
+            "errors": errors,
+        })
+    }
+}
+
+/// Starts every configured role and serves the control socket until SIGINT/SIGTERM.
+pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.state_dir)
+        .with_context(|| format!("create state_dir {}", cfg.state_dir.display()))?;
+    let listener = control::bind(&cfg.control_socket)?;
+    let master = match cfg.master {
+        Some(_) => Some(master::Master::start(&cfg).await?),
+        None => None,
+    };
+    let node = match cfg.node {
+        Some(_) => Some(node::Node::start(&cfg).await?),
+        None => None,
+    };
+    let socket = cfg.control_socket.clone();
+    let daemon = Arc::new(Daemon {
+        config: cfg,
+        master,
+        node,
+    });
+    tracing::info!(socket = %socket.display(), roles = ?daemon.config.roles(), "cdd ready");
+    tokio::spawn(control::serve(listener, daemon.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

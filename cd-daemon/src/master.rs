@@ -1,0 +1,690 @@
+//! The master role: cluster membership, assignments and sync jobs.
+//!
+//! One TLS listener serves two kinds of peer:
+//! - a node with a cluster certificate opens a control session (`Hello` purpose
+//!   CONTROL, then `Register`); the master keeps it in its node table, sends it its
+//!   [`Assignment`](pb::Assignment) (and re-sends every node's whenever a data address
+//!   changes), dispatches sync jobs to sources and collects their reports;
+//! - a node without a certificate may only ask to join (`JoinRequest` with a one-time
+//!   token). Anything else from it is refused and logged; so is a peer whose
+//!   certificate does not chain to the cluster CA (refused in the TLS handshake).
+//!
+//! The master is not on the data path: content flows from source to replicas
+//! directly. Job history is kept in memory here (the SQLite job log comes with the
+//! topology work).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cd_proto::pb::{self, envelope::Msg};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, MasterConfig};
+use crate::net::{self, ServerConn};
+use crate::node::now_unix;
+use crate::pki::{self, CaSigner, Identity, TokenStore};
+
+/// How long `cdctl sync` waits for a job.
+const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// A node silent for this long is dropped.
+const SESSION_IDLE: Duration = Duration::from_secs(30);
+const JOB_HISTORY: usize = 200;
+
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    data_addr: String,
+    tx: mpsc::Sender<Msg>,
+    connected_unix: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: BTreeMap<String, Session>,
+    next_session: u64,
+    next_job: u64,
+    pending: HashMap<u64, (String, oneshot::Sender<pb::JobReport>)>,
+    history: VecDeque<pb::JobReport>,
+}
+
+#[derive(Debug)]
+pub struct Master {
+    name: String,
+    cfg: MasterConfig,
+    listen: SocketAddr,
+    signer: CaSigner,
+    ca_pin: [u8; 32],
+    tokens: Mutex<TokenStore>,
+    state: Mutex<State>,
+}
+
+impl Master {
+    pub async fn start(cfg: &Config) -> anyhow::Result<Arc<Master>> {
+        let mcfg = cfg.master.clone().context("no [master] table")?;
+        let d = &mcfg.pki_dir;
+        let identity = Identity::load(
+            &cfg.name,
+            &d.join("master.pem"),
+            &d.join("master.key"),
+            &d.join("ca.pem"),
+        )?;
+        let signer = CaSigner::load(d)?;
+        let server_cfg = pki::server_config(&identity, pki::ClientAuth::OptionalForJoin)?;
+        let listener = TcpListener::bind(mcfg.listen)
+            .await
+            .with_context(|| format!("bind master listener {}", mcfg.listen))?;
+        let listen = listener.local_addr()?;
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        let master = Arc::new(Master {
+            name: cfg.name.clone(),
+            listen,
+            signer,
+            ca_pin: identity.ca_fingerprint(),
+            tokens: Mutex::new(TokenStore::load(cfg.state_dir.join("tokens.json"))),
+            state: Mutex::new(State {
+                next_job: 1,
+                ..Default::default()
+            }),
+            cfg: mcfg,
+        });
+        tracing::info!(listen = %listen, "master started");
+        tokio::spawn(
+            master
+                .clone()
+                .accept_loop(listener, TlsAcceptor::from(server_cfg)),
+        );
+        Ok(master)
+    }
+
+    pub fn create_token(&self, ttl_seconds: u64) -> anyhow::Result<serde_json::Value> {
+        let ttl = ttl_seconds.clamp(1, 7 * 24 * 3600);
+        let (t, exp) = self
+            .tokens
+            .lock()
+            .unwrap()
+            .create(self.ca_pin, now_unix(), ttl)?;
+        Ok(serde_json::json!({ "token": t.to_string(), "expires_unix": exp }))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let st = self.state.lock().unwrap();
+        let mut names: Vec<&String> = self
+            .cfg
+            .content_sets
+            .iter()
+            .flat_map(|s| std::iter::once(&s.source).chain(&s.targets))
+            .collect();
+        names.extend(st.sessions.keys());
+        names.sort();
+        names.dedup();
+        let nodes: Vec<serde_json::Value> = names
+            .into_iter()
+            .map(|n| match st.sessions.get(n) {
+                Some(s) => serde_json::json!({"name": n, "connected": true, "data_addr": s.data_addr, "connected_unix": s.connected_unix}),
+                None => serde_json::json!({"name": n, "connected": false, "data_addr": null}),
+            })
+            .collect();
+        let sets: Vec<serde_json::Value> = self
+            .cfg
+            .content_sets
+            .iter()
+            .map(|s| {
+                let last = st.history.iter().rev().find(|r| r.content_set == s.name).map(report_json);
+                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "last_job": last})
+            })
+            .collect();
+        serde_json::json!({ "listen": self.listen.to_string(), "nodes": nodes, "content_sets": sets })
+    }
+
+    /// Runs a sync job for `set` (the only one when `None`) on its source; waits for the report.
+    pub async fn run_job(&self, set: Option<&str>) -> anyhow::Result<serde_json::Value> {
+        let cs = match set {
+            Some(n) => self
+                .cfg
+                .content_sets
+                .iter()
+                .find(|s| s.name == n)
+                .with_context(|| format!("no content set `{n}`"))?,
+            None => match self.cfg.content_sets.as_slice() {
+                [one] => one,
+                [] => bail!("no content sets are configured"),
+                _ => bail!("several content sets are configured: name one"),
+            },
+        };
+        let (tx, rx) = oneshot::channel();
+        let job_id = {
+            let mut st = self.state.lock().unwrap();
+            let Some(session) = st.sessions.get(&cs.source) else {
+                bail!(
+                    "source node `{}` of `{}` is not connected",
+                    cs.source,
+                    cs.name
+                );
+            };
+            let session_tx = session.tx.clone();
+            let job_id = st.next_job;
+            st.next_job += 1;
+            st.pending.insert(job_id, (cs.source.clone(), tx));
+            session_tx
+                .try_send(Msg::SyncRequest(pb::SyncRequest {
+                    job_id,
+                    content_set: cs.name.clone(),
+                }))
+                .map_err(|e| anyhow::anyhow!("cannot reach `{}`: {e}", cs.source))?;
+            job_id
+        };
+        tracing::info!(job_id, content_set = %cs.name, source = %cs.source, "job started");
+        let started = Instant::now();
+        let report = match tokio::time::timeout(JOB_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => bail!(
+                "job {job_id}: source `{}` disconnected before reporting",
+                cs.source
+            ),
+            Err(_) => {
+                self.state.lock().unwrap().pending.remove(&job_id);
+                bail!("job {job_id}: no report within {JOB_TIMEOUT:?}");
+            }
+        };
+        // Targets that were never reached still belong in the report.
+        let mut report = report;
+        for t in &cs.targets {
+            if !report.targets.iter().any(|r| &r.target == t) && report.error.is_empty() {
+                report.targets.push(pb::TargetResult {
+                    target: t.clone(),
+                    ok: false,
+                    error: "not attempted".into(),
+                    ..Default::default()
+                });
+            }
+        }
+        let ok = report.error.is_empty() && report.targets.iter().all(|t| t.ok);
+        tracing::info!(
+            job_id,
+            ok,
+            took_ms = started.elapsed().as_millis() as u64,
+            "job finished"
+        );
+        let mut st = self.state.lock().unwrap();
+        st.history.push_back(report.clone());
+        if st.history.len() > JOB_HISTORY {
+            st.history.pop_front();
+        }
+        Ok(report_json(&report))
+    }
+
+    fn assignment_for(&self, node: &str, st: &State) -> pb::Assignment {
+        let addr = |n: &str| {
+            st.sessions
+                .get(n)
+                .map(|s| s.data_addr.clone())
+                .unwrap_or_default()
+        };
+        let content_sets = self
+            .cfg
+            .content_sets
+            .iter()
+            .filter(|s| s.source == node || s.targets.iter().any(|t| t == node))
+            .map(|s| pb::ContentSetAssignment {
+                name: s.name.clone(),
+                is_source: s.source == node,
+                targets: if s.source == node {
+                    s.targets
+                        .iter()
+                        .map(|t| pb::Peer {
+                            name: t.clone(),
+                            data_addr: addr(t),
+                        })
+                        .collect()
+                } else {
+                    vec![]
+                },
+                zstd_level: s.zstd_level,
+                source: s.source.clone(),
+                max_rate_bytes_per_sec: s.max_rate_bytes_per_sec,
+            })
+            .collect();
+        pb::Assignment { content_sets }
+    }
+
+    fn push_assignments(&self) {
+        let st = self.state.lock().unwrap();
+        for (name, s) in &st.sessions {
+            let _ =
+                s.tx.try_send(Msg::Assignment(self.assignment_for(name, &st)));
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "master accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let m = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let conn = match net::accept(tcp, &acceptor).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(peer = %addr, error = %e, "refused peer");
+                        return;
+                    }
+                };
+                if let Err(e) = m.serve(conn).await {
+                    tracing::warn!(peer = %addr, error = %format!("{e:#}"), "refused or closed session");
+                }
+            });
+        }
+    }
+
+    async fn serve(self: Arc<Self>, mut conn: ServerConn) -> anyhow::Result<()> {
+        let authenticated = conn.peer_cert().is_some();
+        if !authenticated {
+            conn.set_max_control(net::MAX_CONTROL_UNAUTHENTICATED);
+        }
+        let hello = conn.server_hello(&self.name, false).await?;
+        let purpose = pb::hello::Purpose::try_from(hello.purpose).unwrap_or_default();
+        match (authenticated, purpose) {
+            (false, pb::hello::Purpose::Join) => self.serve_join(conn, &hello).await,
+            (false, p) => {
+                conn.send_error(
+                    pb::error::ErrorCode::Unauthenticated,
+                    "a cluster certificate is required (join first)",
+                )
+                .await;
+                bail!(
+                    "unauthenticated peer claiming `{}` asked for {p:?}",
+                    hello.node_name
+                )
+            }
+            (true, pb::hello::Purpose::Control) => self.serve_session(conn, hello).await,
+            (true, p) => {
+                conn.send_error(
+                    pb::error::ErrorCode::BadRequest,
+                    "the master accepts control sessions only",
+                )
+                .await;
+                bail!("`{}` asked the master for {p:?}", hello.node_name)
+            }
+        }
+    }
+
+    async fn serve_join(&self, mut conn: ServerConn, hello: &pb::Hello) -> anyhow::Result<()> {
+        let req = match conn.recv_msg().await? {
+            Msg::JoinRequest(r) => r,
+            m => bail!("expected JoinRequest, got {}", net::msg_name(&m)),
+        };
+        if req.node_name != hello.node_name || crate::config::check_name(&req.node_name).is_err() {
+            conn.send_error(pb::error::ErrorCode::BadRequest, "invalid node name")
+                .await;
+            bail!("join: invalid node name `{}`", req.node_name);
+        }
+        let token = match pki::JoinToken::parse(&req.token) {
+            Ok(t) => t,
+            Err(e) => {
+                conn.send_error(pb::error::ErrorCode::TokenInvalid, e.to_string())
+                    .await;
+                bail!("join by `{}`: {e}", req.node_name);
+            }
+        };
+        let redeemed = self.tokens.lock().unwrap().redeem(&token, now_unix());
+        if redeemed.is_err() {
+            conn.send_error(
+                pb::error::ErrorCode::TokenInvalid,
+                "join token is unknown, used or expired",
+            )
+            .await;
+            bail!("join by `{}`: token rejected", req.node_name);
+        }
+        let cert = self.signer.sign_node(&req.node_name, &req.public_key_spki);
+        let cert = match cert {
+            Ok(c) => c,
+            Err(e) => {
+                conn.send_error(pb::error::ErrorCode::BadRequest, e.to_string())
+                    .await;
+                bail!("join by `{}`: {e}", req.node_name);
+            }
+        };
+        conn.send(Msg::JoinResponse(pb::JoinResponse {
+            node_cert_pem: cert,
+            ca_cert_pem: self.signer.ca_pem().to_owned(),
+        }))
+        .await?;
+        conn.shutdown().await;
+        tracing::info!(node = %req.node_name, "node joined");
+        Ok(())
+    }
+
+    async fn serve_session(
+        self: Arc<Self>,
+        mut conn: ServerConn,
+        hello: pb::Hello,
+    ) -> anyhow::Result<()> {
+        let name = hello.node_name;
+        let reg = match conn.recv_msg().await? {
+            Msg::Register(r) => r,
+            m => bail!("`{name}`: expected Register, got {}", net::msg_name(&m)),
+        };
+        let (tx, mut rx) = mpsc::channel::<Msg>(64);
+        let id = {
+            let mut st = self.state.lock().unwrap();
+            st.next_session += 1;
+            let id = st.next_session;
+            st.sessions.insert(
+                name.clone(),
+                Session {
+                    id,
+                    data_addr: reg.data_addr.clone(),
+                    tx,
+                    connected_unix: now_unix(),
+                },
+            );
+            id
+        };
+        tracing::info!(node = %name, data_addr = %reg.data_addr, "node connected");
+        self.push_assignments();
+        let (mut rx_conn, mut tx_conn) = conn.split();
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if tx_conn.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let result = loop {
+            let msg = match tokio::time::timeout(SESSION_IDLE, rx_conn.recv_msg()).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => break Err(anyhow::Error::from(e)),
+                Err(_) => break Err(anyhow::anyhow!("no heartbeat for {SESSION_IDLE:?}")),
+            };
+            match msg {
+                Msg::Heartbeat(_) => {}
+                Msg::JobReport(r) => {
+                    let waiter = self.state.lock().unwrap().pending.remove(&r.job_id);
+                    match waiter {
+                        Some((_, w)) => {
+                            let _ = w.send(r);
+                        }
+                        None => {
+                            tracing::info!(node = %name, job_id = r.job_id, "report for a job nobody waits for")
+                        }
+                    }
+                }
+                m => tracing::warn!(node = %name, msg = %net::msg_name(&m), "unexpected message"),
+            }
+        };
+        writer.abort();
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.sessions.get(&name).map(|s| s.id) == Some(id) {
+                st.sessions.remove(&name);
+                // Fail the jobs this node was running: their reports cannot come.
+                let dead: Vec<u64> = st
+                    .pending
+                    .iter()
+                    .filter(|(_, (n, _))| n == &name)
+                    .map(|(j, _)| *j)
+                    .collect();
+                for j in dead {
+                    st.pending.remove(&j);
+                }
+            }
+        }
+        tracing::info!(node = %name, "node disconnected");
+        self.push_assignments();
+        result
+    }
+}
+
+/// The JSON form of a job report (`cdctl sync --json`).
+pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": r.job_id,
+        "content_set": r.content_set,
+        "seq": r.seq,
+        "scan_ms": r.scan_ms,
+        "source_entries": r.source_entries,
+        "error": r.error,
+        "ok": r.error.is_empty() && r.targets.iter().all(|t| t.ok),
+        "targets": r.targets.iter().map(|t| serde_json::json!({
+            "target": t.target, "ok": t.ok, "error": t.error, "files_sent": t.files_sent,
+            "bytes_sent": t.bytes_sent, "wire_bytes": t.wire_bytes, "reused_local": t.reused_local,
+            "removed": t.removed, "meta_only": t.meta_only, "duration_ms": t.duration_ms, "resent": t.resent,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The master refuses every peer that is not a cluster member, and says so in its log.
+
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use cd_proto::pb::{self, envelope::Msg};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::Master;
+    use crate::net::{self, NetError};
+    use crate::pki;
+    use rustls_pki_types::pem::PemObject;
+
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<Mutex<Vec<u8>>>);
+    impl Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl LogBuf {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    async fn start_master(dir: &std::path::Path) -> Arc<Master> {
+        pki::ca_init(&dir.join("pki"), "master", &[]).unwrap();
+        let text = format!(
+            "name = \"master\"\nstate_dir = \"{0}/state\"\n[master]\nlisten = \"127.0.0.1:0\"\npki_dir = \"{0}/pki\"\n",
+            dir.display()
+        );
+        let cfg = crate::config::parse(&dir.join("m.toml"), &text).unwrap();
+        Master::start(&cfg).await.unwrap()
+    }
+
+    /// A node identity signed by the cluster CA, as a join would produce.
+    fn member(dir: &std::path::Path, name: &str) -> pki::Identity {
+        let signer = pki::CaSigner::load(&dir.join("pki")).unwrap();
+        let (key, spki) = pki::generate_node_key().unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.pem")),
+            signer.sign_node(name, &spki).unwrap(),
+        )
+        .unwrap();
+        pki::Identity::load(
+            name,
+            &dir.join(format!("{name}.pem")),
+            &dir.join(format!("{name}.key")),
+            &dir.join("pki/ca.pem"),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn refuses_peers_without_valid_cluster_certificates() {
+        let log = LogBuf::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let dir = tempfile::tempdir().unwrap();
+        let m = start_master(dir.path()).await;
+        let addr = m.listen.to_string();
+
+        // 1. A certificate from another CA: the TLS handshake fails and the master logs it.
+        let foreign = tempfile::tempdir().unwrap();
+        pki::ca_init(&foreign.path().join("pki"), "master", &[]).unwrap();
+        let rogue = member(foreign.path(), "node1");
+        let mut rogue_cfg = (*pki::client_config(&rogue).unwrap()).clone();
+        // The rogue trusts our master (it copied our CA), but its own cert is foreign.
+        let mut roots = rustls::RootCertStore::empty();
+        let ours =
+            rustls_pki_types::CertificateDer::from_pem_file(dir.path().join("pki/ca.pem")).unwrap();
+        roots.add(ours).unwrap();
+        rogue_cfg =
+            rustls::ClientConfig::builder_with_provider(rogue_cfg.crypto_provider().clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(rogue.chain.clone(), rogue.key.clone_key())
+                .unwrap();
+        let r = async {
+            let mut c = net::connect(&addr, "master", Arc::new(rogue_cfg)).await?;
+            c.client_hello("node1", pb::hello::Purpose::Control).await
+        }
+        .await;
+        assert!(r.is_err(), "a foreign certificate must be refused: {r:?}");
+
+        // 2. No certificate at all, asking for a control session: refused.
+        let (anon_cfg, _) =
+            pki::join_client_config(pki::fingerprint(&member(dir.path(), "probe").ca)).unwrap();
+        let mut c = net::connect(&addr, "master", anon_cfg.clone())
+            .await
+            .unwrap();
+        let r = c.client_hello("node2", pb::hello::Purpose::Control).await;
+        let r = match r {
+            Ok(_) => c.recv_msg().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert!(
+            matches!(
+                r,
+                Err(NetError::Remote {
+                    code: pb::error::ErrorCode::Unauthenticated,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+
+        // 3. A cluster member claiming another member's name: refused.
+        let node3 = member(dir.path(), "node3");
+        let mut c = net::connect(&addr, "master", pki::client_config(&node3).unwrap())
+            .await
+            .unwrap();
+        let r = c.client_hello("node4", pb::hello::Purpose::Control).await;
+        assert!(
+            matches!(
+                r,
+                Err(NetError::Remote {
+                    code: pb::error::ErrorCode::Unauthenticated,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+
+        // 4. A join token works once.
+        let token = m.create_token(60).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for attempt in 0..2 {
+            let mut c = net::connect(&addr, "master", anon_cfg.clone())
+                .await
+                .unwrap();
+            c.client_hello("node5", pb::hello::Purpose::Join)
+                .await
+                .unwrap();
+            let (_, spki) = pki::generate_node_key().unwrap();
+            c.send(Msg::JoinRequest(pb::JoinRequest {
+                token: token.clone(),
+                node_name: "node5".into(),
+                public_key_spki: spki,
+            }))
+            .await
+            .unwrap();
+            let r = c.recv_msg().await;
+            match attempt {
+                0 => assert!(matches!(r, Ok(Msg::JoinResponse(_))), "{r:?}"),
+                _ => assert!(
+                    matches!(
+                        r,
+                        Err(NetError::Remote {
+                            code: pb::error::ErrorCode::TokenInvalid,
+                            ..
+                        })
+                    ),
+                    "{r:?}"
+                ),
+            }
+        }
+
+        // 5. A member speaking a newer protocol version gets a clear error, not a hang.
+        let node6 = member(dir.path(), "node6");
+        let c = net::connect(&addr, "master", pki::client_config(&node6).unwrap())
+            .await
+            .unwrap();
+        let mut raw = c.into_inner();
+        let mut frame = cd_proto::frame::encode_control(&pb::Envelope {
+            msg: Some(Msg::Hello(net::hello("node6", pb::hello::Purpose::Control))),
+        });
+        frame[4] = cd_proto::frame::VERSION + 1;
+        raw.write_all(&frame).await.unwrap();
+        raw.flush().await.unwrap();
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            raw.read_to_end(&mut reply),
+        )
+        .await
+        .expect("master answers, no hang");
+        let mut dec = cd_proto::frame::FrameDecoder::new();
+        dec.push(&reply);
+        match dec.next_frame() {
+            Ok(Some(cd_proto::frame::Frame::Control(pb::Envelope {
+                msg: Some(Msg::Error(e)),
+            }))) => {
+                assert_eq!(e.code, pb::error::ErrorCode::VersionMismatch as i32);
+                assert!(e.message.contains('v'), "{}", e.message);
+            }
+            other => panic!("expected a version-mismatch error frame, got {other:?}"),
+        }
+
+        // Let the master's tasks log, then check every refusal is in the log.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let text = log.text();
+        assert!(
+            text.contains("refused peer"),
+            "handshake refusal logged:\n{text}"
+        );
+        assert!(
+            text.contains("unauthenticated peer claiming `node2`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("NameMismatch") || text.contains("not valid for that name"),
+            "{text}"
+        );
+        assert!(text.contains("token rejected"), "{text}");
+        assert!(text.contains("node joined"), "{text}");
+    }
+}

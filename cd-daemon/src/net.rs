@@ -1,0 +1,475 @@
+//! Framed connections: cd-proto frames over a TLS stream.
+//!
+//! [`Conn`] owns one TLS stream and speaks the frame format of [`cd_proto::frame`]:
+//! control frames carry a prost [`Envelope`](cd_proto::pb::Envelope); data frames carry
+//! file bytes, zstd-compressed per link and protected by a CRC32 of the raw bytes,
+//! which is checked here on receipt. A peer that speaks another protocol version gets
+//! an `Error` frame naming both versions before the connection closes, so neither side
+//! hangs. Reads of a frame body are bounded by `MAX_FRAME_LEN` before any allocation.
+//!
+//! Also here: connecting and accepting with the cluster's TLS configurations, and
+//! the `Hello` exchange that binds the name a peer claims to its certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cd_proto::frame::{self, FrameError, FrameHeader, FrameKind};
+use cd_proto::pb::{self, envelope::Msg};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::pki;
+
+/// Control frame bound for authenticated cluster members.
+pub const MAX_CONTROL_AUTHENTICATED: u32 = 4 << 20;
+/// Control frame bound for a peer without a certificate (it may only join).
+pub const MAX_CONTROL_UNAUTHENTICATED: u32 = 64 << 10;
+
+/// How long a TLS handshake plus `Hello` exchange may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {peer}: {source}")]
+    Handshake {
+        peer: String,
+        source: std::io::Error,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("peer reported {code:?}: {message}")]
+    Remote {
+        code: pb::error::ErrorCode,
+        message: String,
+    },
+    #[error("protocol violation: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("data frame for file {file_id}: CRC32 mismatch (frame {expected:08x}, data {got:08x})")]
+    Crc {
+        file_id: u32,
+        expected: u32,
+        got: u32,
+    },
+    #[error("data frame for file {file_id}: {reason}")]
+    BadData { file_id: u32, reason: String },
+    #[error("peer `{claimed}` presented a certificate that is not valid for that name")]
+    NameMismatch { claimed: String },
+    #[error("peer presented no client certificate")]
+    NoCertificate,
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+/// One received frame.
+#[derive(Debug)]
+pub enum Incoming {
+    Control(Msg),
+    /// Raw (decompressed, CRC-checked) file bytes.
+    Data {
+        file_id: u32,
+        bytes: Vec<u8>,
+    },
+}
+
+/// A framed, bidirectional connection.
+pub struct Conn<S> {
+    stream: S,
+    /// Largest control frame body accepted. prost decoding amplifies memory (a
+    /// 16 MiB frame of empty entries decodes to over 1 GB), so this is far below
+    /// the codec's `MAX_FRAME_LEN`, and tiny until the peer is authenticated.
+    max_control: u32,
+    /// Bytes of data frames sent and received, after compression (wire size).
+    pub data_wire_out: u64,
+    pub data_wire_in: u64,
+}
+
+impl<S> std::fmt::Debug for Conn<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("data_wire_out", &self.data_wire_out)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Conn<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            max_control: MAX_CONTROL_AUTHENTICATED,
+            data_wire_out: 0,
+            data_wire_in: 0,
+        }
+    }
+
+    /// Lowers or raises the control frame bound (see [`MAX_CONTROL_UNAUTHENTICATED`]).
+    pub fn set_max_control(&mut self, len: u32) {
+        self.max_control = len;
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The underlying stream (tests write raw bytes with it).
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite> Conn<S> {
+    /// Splits into a receiving and a sending half, for a reader task and a writer
+    /// task (a frame read must never be cancelled half-way, so no `select!` on it).
+    pub fn split(self) -> (Conn<tokio::io::ReadHalf<S>>, Conn<tokio::io::WriteHalf<S>>) {
+        let (r, w) = tokio::io::split(self.stream);
+        let (mut r, mut w) = (Conn::new(r), Conn::new(w));
+        r.max_control = self.max_control;
+        w.max_control = self.max_control;
+        (r, w)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Conn<S> {
+    pub async fn send(&mut self, msg: Msg) -> Result<(), NetError> {
+        let bytes = frame::encode_control(&pb::Envelope { msg: Some(msg) });
+        self.stream
+            .write_all(&bytes)
+            .await
+            .map_err(|source| NetError::Io {
+                op: "write frame",
+                source,
+            })?;
+        self.stream.flush().await.map_err(|source| NetError::Io {
+            op: "flush",
+            source,
+        })
+    }
+
+    /// Sends one chunk of file `file_id`, compressed with `zstd_level` (0 = none) when
+    /// that makes it smaller. Returns the bytes put on the wire.
+    pub async fn send_data(
+        &mut self,
+        file_id: u32,
+        raw: &[u8],
+        zstd_level: i32,
+    ) -> Result<u64, NetError> {
+        let crc = crc32fast::hash(raw);
+        let compressed = if zstd_level > 0 {
+            zstd::bulk::compress(raw, zstd_level)
+                .ok()
+                .filter(|c| c.len() < raw.len())
+        } else {
+            None
+        };
+        let body: &[u8] = compressed.as_deref().unwrap_or(raw);
+        let header = frame::encode_data_header(
+            file_id,
+            crc,
+            raw.len() as u32,
+            compressed.is_some(),
+            body.len(),
+        );
+        self.stream
+            .write_all(&header)
+            .await
+            .map_err(|source| NetError::Io {
+                op: "write data",
+                source,
+            })?;
+        self.stream
+            .write_all(body)
+            .await
+            .map_err(|source| NetError::Io {
+                op: "write data",
+                source,
+            })?;
+        let n = (header.len() + body.len()) as u64;
+        self.data_wire_out += n;
+        Ok(n)
+    }
+
+    pub async fn flush(&mut self) -> Result<(), NetError> {
+        self.stream.flush().await.map_err(|source| NetError::Io {
+            op: "flush",
+            source,
+        })
+    }
+
+    pub async fn send_error(&mut self, code: pb::error::ErrorCode, message: impl Into<String>) {
+        let _ = self
+            .send(Msg::Error(pb::Error {
+                code: code as i32,
+                message: message.into(),
+            }))
+            .await;
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+impl<S: AsyncRead + Unpin> Conn<S> {
+    /// Receives the next frame. A remote `Error` message becomes [`NetError::Remote`].
+    pub async fn recv(&mut self) -> Result<Incoming, NetError> {
+        let mut hdr = [0u8; frame::HEADER_LEN];
+        match self.stream.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(NetError::Closed);
+            }
+            Err(source) => {
+                return Err(NetError::Io {
+                    op: "read frame header",
+                    source,
+                });
+            }
+        }
+        let header = FrameHeader::decode(&hdr)?;
+        if header.kind == FrameKind::Control && header.len > self.max_control {
+            return Err(FrameError::TooLong {
+                len: header.len,
+                max: self.max_control,
+            }
+            .into());
+        }
+        let mut body = vec![0u8; header.len as usize];
+        self.stream
+            .read_exact(&mut body)
+            .await
+            .map_err(|source| NetError::Io {
+                op: "read frame body",
+                source,
+            })?;
+        match header.kind {
+            FrameKind::Control => {
+                let env = frame::decode_control(&header, &body)?;
+                match env.msg {
+                    Some(Msg::Error(e)) => Err(NetError::Remote {
+                        code: pb::error::ErrorCode::try_from(e.code)
+                            .unwrap_or(pb::error::ErrorCode::Unspecified),
+                        message: e.message,
+                    }),
+                    Some(m) => Ok(Incoming::Control(m)),
+                    None => Err(FrameError::EmptyEnvelope.into()),
+                }
+            }
+            FrameKind::Data => {
+                self.data_wire_in += (frame::HEADER_LEN + body.len()) as u64;
+                let chunk = frame::decode_data(&header, &body)?;
+                let bytes = if chunk.compressed {
+                    let out = zstd::bulk::decompress(chunk.body, chunk.raw_len as usize).map_err(
+                        |e| NetError::BadData {
+                            file_id: chunk.file_id,
+                            reason: format!("zstd: {e}"),
+                        },
+                    )?;
+                    if out.len() != chunk.raw_len as usize {
+                        return Err(NetError::BadData {
+                            file_id: chunk.file_id,
+                            reason: format!(
+                                "decompressed to {} bytes, header says {}",
+                                out.len(),
+                                chunk.raw_len
+                            ),
+                        });
+                    }
+                    out
+                } else {
+                    chunk.body.to_vec()
+                };
+                let got = crc32fast::hash(&bytes);
+                if got != chunk.crc32 {
+                    return Err(NetError::Crc {
+                        file_id: chunk.file_id,
+                        expected: chunk.crc32,
+                        got,
+                    });
+                }
+                Ok(Incoming::Data {
+                    file_id: chunk.file_id,
+                    bytes,
+                })
+            }
+        }
+    }
+
+    /// Receives a control message, refusing data frames.
+    pub async fn recv_msg(&mut self) -> Result<Msg, NetError> {
+        match self.recv().await? {
+            Incoming::Control(m) => Ok(m),
+            Incoming::Data { file_id, .. } => Err(NetError::Unexpected {
+                expected: "a control message",
+                got: format!("data frame for file {file_id}"),
+            }),
+        }
+    }
+}
+
+/// Short name of a message, for protocol errors.
+pub fn msg_name(m: &Msg) -> String {
+    let s = format!("{m:?}");
+    s.split(['(', ' ', '{']).next().unwrap_or("?").to_owned()
+}
+
+pub type ClientConn = Conn<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type ServerConn = Conn<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Connects to `addr` and completes a TLS handshake verifying the server as `server_name`.
+pub async fn connect(
+    addr: &str,
+    server_name: &str,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Result<ClientConn, NetError> {
+    let fut = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| NetError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
+            NetError::Handshake {
+                peer: server_name.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            }
+        })?;
+        let tls = TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| NetError::Handshake {
+                peer: format!("{server_name} at {addr}"),
+                source,
+            })?;
+        Ok(Conn::new(tls))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| NetError::Timeout("TLS handshake"))?
+}
+
+/// Completes the server side of a TLS handshake.
+pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<ServerConn, NetError> {
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| NetError::Timeout("TLS handshake"))?
+        .map_err(|source| NetError::Handshake { peer, source })?;
+    Ok(Conn::new(tls))
+}
+
+impl ServerConn {
+    /// The verified client certificate, if the client presented one.
+    pub fn peer_cert(&self) -> Option<rustls_pki_types::CertificateDer<'static>> {
+        self.get_ref()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned())
+    }
+
+    /// Receives the client's `Hello` and checks its claimed name against its
+    /// certificate (when `require_cert`), then answers with our own `Hello`.
+    pub async fn server_hello(
+        &mut self,
+        our_name: &str,
+        require_cert: bool,
+    ) -> Result<pb::Hello, NetError> {
+        let msg = self.recv_hello_msg().await?;
+        let Msg::Hello(h) = msg else {
+            return Err(NetError::Unexpected {
+                expected: "Hello",
+                got: msg_name(&msg),
+            });
+        };
+        match self.peer_cert() {
+            Some(cert) if !pki::cert_matches_name(&cert, &h.node_name) => {
+                self.send_error(
+                    pb::error::ErrorCode::Unauthenticated,
+                    "certificate does not match the name in Hello",
+                )
+                .await;
+                return Err(NetError::NameMismatch {
+                    claimed: h.node_name,
+                });
+            }
+            Some(_) => {}
+            None if require_cert => {
+                self.send_error(
+                    pb::error::ErrorCode::Unauthenticated,
+                    "a client certificate is required",
+                )
+                .await;
+                return Err(NetError::NoCertificate);
+            }
+            None => {}
+        }
+        self.send(Msg::Hello(hello(
+            our_name,
+            pb::hello::Purpose::try_from(h.purpose).unwrap_or_default(),
+        )))
+        .await?;
+        Ok(h)
+    }
+}
+
+impl ClientConn {
+    /// Sends our `Hello` and waits for the server's.
+    pub async fn client_hello(
+        &mut self,
+        our_name: &str,
+        purpose: pb::hello::Purpose,
+    ) -> Result<pb::Hello, NetError> {
+        self.send(Msg::Hello(hello(our_name, purpose))).await?;
+        let msg = self.recv_hello_msg().await?;
+        match msg {
+            Msg::Hello(h) => Ok(h),
+            m => Err(NetError::Unexpected {
+                expected: "Hello",
+                got: msg_name(&m),
+            }),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// The first message of a connection. A peer speaking another protocol version
+    /// is told so in our version before we hang up, so it reports a clear error
+    /// instead of waiting.
+    async fn recv_hello_msg(&mut self) -> Result<Msg, NetError> {
+        let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.recv_msg())
+            .await
+            .map_err(|_| NetError::Timeout("hello"))?;
+        if let Err(NetError::Frame(
+            e @ (FrameError::PeerTooNew { .. } | FrameError::PeerTooOld { .. }),
+        )) = &r
+        {
+            self.send_error(pb::error::ErrorCode::VersionMismatch, e.to_string())
+                .await;
+        }
+        r
+    }
+}
+
+pub fn hello(name: &str, purpose: pb::hello::Purpose) -> pb::Hello {
+    pb::Hello {
+        node_name: name.to_owned(),
+        software_version: cd_proto::SOFTWARE_VERSION.to_owned(),
+        purpose: purpose as i32,
+    }
+}

@@ -1,0 +1,661 @@
+//! The node role: joins the cluster, keeps a session with the master, receives
+//! content as a replica, and runs sync jobs as a source.
+//!
+//! - Identity: on first start (no `node.pem` in the state directory) the node
+//!   generates a key and redeems its join token with the master ([`join`]).
+//! - Master session: one mTLS connection, re-established with backoff. The node
+//!   registers its data address and content sets; the master answers with
+//!   [`Assignment`](pb::Assignment)s and sends [`SyncRequest`](pb::SyncRequest)s; the
+//!   node answers each with a [`JobReport`](pb::JobReport).
+//! - Data listener: accepts transfers only from peers with a cluster certificate
+//!   whose name is the assigned source of the content set.
+//! - One job or transfer at a time per content set (a per-set lock).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use cd_proto::pb::{self, envelope::Msg};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, NodeConfig};
+use crate::fs;
+use crate::net::{self, NetError};
+use crate::pki::{self, Identity};
+use crate::transfer::{self, Outgoing, ReceiveContext};
+
+/// Rounds a job may take when files keep changing under it.
+const MAX_ROUNDS: u32 = 3;
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LastSync {
+    pub job_id: u64,
+    pub at_unix: i64,
+    pub ok: bool,
+    pub error: Option<String>,
+    /// "source" or "replica".
+    pub side: &'static str,
+    pub files: u64,
+    pub bytes: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug)]
+struct SetState {
+    root: PathBuf,
+    assignment: Mutex<Option<pb::ContentSetAssignment>>,
+    last_sync: Mutex<Option<LastSync>>,
+    busy: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    state_dir: PathBuf,
+    cfg: NodeConfig,
+    client_cfg: Arc<rustls::ClientConfig>,
+    data_addr: SocketAddr,
+    sets: BTreeMap<String, SetState>,
+    master_connected: AtomicBool,
+    master_tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    errors: Mutex<Vec<String>>,
+    owner: bool,
+}
+
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Loads or obtains the node's identity, binds the data listener and starts the
+    /// master session and the listener tasks.
+    pub async fn start(cfg: &Config) -> anyhow::Result<Arc<Node>> {
+        let ncfg = cfg.node.clone().context("no [node] table")?;
+        let identity = ensure_identity(&cfg.name, &cfg.state_dir, &ncfg).await?;
+        let client_cfg = pki::client_config(&identity)?;
+        let server_cfg = pki::server_config(&identity, pki::ClientAuth::Required)?;
+        let listener = TcpListener::bind(ncfg.listen)
+            .await
+            .with_context(|| format!("bind data listener {}", ncfg.listen))?;
+        let data_addr = listener.local_addr()?;
+        let sets = ncfg
+            .content_sets
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    SetState {
+                        root: s.root.clone(),
+                        assignment: Mutex::new(None),
+                        last_sync: Mutex::new(None),
+                        busy: tokio::sync::Mutex::new(()),
+                    },
+                )
+            })
+            .collect();
+        let node = Arc::new(Node {
+            name: cfg.name.clone(),
+            state_dir: cfg.state_dir.clone(),
+            cfg: ncfg,
+            client_cfg,
+            data_addr,
+            sets,
+            master_connected: AtomicBool::new(false),
+            master_tx: Mutex::new(None),
+            errors: Mutex::new(Vec::new()),
+            owner: rustix::process::geteuid().is_root(),
+        });
+        tracing::info!(node = %node.name, data_addr = %data_addr, "node started");
+        tokio::spawn(
+            node.clone()
+                .accept_loop(listener, TlsAcceptor::from(server_cfg)),
+        );
+        tokio::spawn(node.clone().master_loop());
+        Ok(node)
+    }
+
+    /// The content set, when this node has exactly one.
+    pub fn single_set(&self) -> anyhow::Result<String> {
+        match self.sets.keys().collect::<Vec<_>>().as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => bail!("this node has no content sets"),
+            _ => bail!("this node has several content sets: name one"),
+        }
+    }
+
+    fn index_path(&self, set: &str) -> PathBuf {
+        self.state_dir.join(format!("index-{set}.bin"))
+    }
+
+    fn seq_path(&self, set: &str) -> PathBuf {
+        self.state_dir.join(format!("seq-{set}"))
+    }
+
+    fn next_seq(&self, set: &str) -> u64 {
+        let p = self.seq_path(set);
+        let cur: u64 = std::fs::read_to_string(&p)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let next = cur + 1;
+        let tmp = p.with_extension("tmp");
+        if std::fs::write(&tmp, next.to_string())
+            .and_then(|_| std::fs::rename(&tmp, &p))
+            .is_err()
+        {
+            tracing::warn!(path = %p.display(), "could not persist the change-set sequence number");
+        }
+        next
+    }
+
+    fn note_error(&self, e: String) {
+        let mut errs = self.errors.lock().unwrap();
+        errs.push(e);
+        let n = errs.len();
+        if n > 20 {
+            errs.drain(..n - 20);
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let sets: Vec<serde_json::Value> = self
+            .sets
+            .iter()
+            .map(|(name, s)| {
+                let a = s.assignment.lock().unwrap().clone();
+                serde_json::json!({
+                    "name": name,
+                    "root": s.root,
+                    "is_source": a.as_ref().map(|a| a.is_source),
+                    "source": a.as_ref().map(|a| a.source.clone()),
+                    "targets": a.as_ref().map(|a| a.targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+                    "last_sync": *s.last_sync.lock().unwrap(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "master_addr": self.cfg.master_addr,
+            "master_connected": self.master_connected.load(Ordering::Relaxed),
+            "data_addr": self.data_addr.to_string(),
+            "content_sets": sets,
+            "errors": *self.errors.lock().unwrap(),
+        })
+    }
+
+    // ---- master session -------------------------------------------------------
+
+    async fn master_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.clone().master_session().await {
+                Ok(()) => tracing::info!("master closed the session"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), master = %self.cfg.master_addr, "master session ended");
+                    self.note_error(format!("master session: {e:#}"));
+                }
+            }
+            self.master_connected.store(false, Ordering::Relaxed);
+            *self.master_tx.lock().unwrap() = None;
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn master_session(self: Arc<Self>) -> anyhow::Result<()> {
+        let mut conn = net::connect(
+            &self.cfg.master_addr,
+            &self.cfg.master_name,
+            self.client_cfg.clone(),
+        )
+        .await?;
+        conn.client_hello(&self.name, pb::hello::Purpose::Control)
+            .await?;
+        conn.send(Msg::Register(pb::Register {
+            data_addr: self.data_addr.to_string(),
+            content_sets: self.sets.keys().cloned().collect(),
+        }))
+        .await?;
+        let (mut rx_conn, mut tx_conn) = conn.split();
+        let (tx, mut rx) = mpsc::channel::<Msg>(64);
+        *self.master_tx.lock().unwrap() = Some(tx.clone());
+        self.master_connected.store(true, Ordering::Relaxed);
+        tracing::info!(master = %self.cfg.master_addr, "connected to master");
+        let writer = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            loop {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => tx_conn.send(m).await?,
+                        None => return Ok::<(), NetError>(()),
+                    },
+                    _ = tick.tick() => {
+                        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+                        tx_conn.send(Msg::Heartbeat(pb::Heartbeat { unix_ms })).await?;
+                    }
+                }
+            }
+        });
+        let result = loop {
+            let msg = match rx_conn.recv_msg().await {
+                Ok(m) => m,
+                Err(e) => break Err(anyhow::Error::from(e)),
+            };
+            match msg {
+                Msg::Assignment(a) => self.apply_assignment(a),
+                Msg::SyncRequest(r) => {
+                    let node = self.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let report = node.run_job(&r.content_set, r.job_id).await;
+                        let _ = tx.send(Msg::JobReport(report)).await;
+                    });
+                }
+                Msg::Heartbeat(_) => {}
+                m => tracing::warn!(msg = %net::msg_name(&m), "unexpected message from master"),
+            }
+        };
+        writer.abort();
+        result
+    }
+
+    fn apply_assignment(&self, a: pb::Assignment) {
+        for set in a.content_sets {
+            match self.sets.get(&set.name) {
+                Some(s) => {
+                    tracing::info!(content_set = %set.name, is_source = set.is_source, targets = set.targets.len(), "assignment");
+                    *s.assignment.lock().unwrap() = Some(set);
+                }
+                None => {
+                    tracing::warn!(content_set = %set.name, "master assigned a content set this node has no root for")
+                }
+            }
+        }
+    }
+
+    // ---- source side ------------------------------------------------------------
+
+    /// Runs a sync job for `set` as its source: scan, then distribute to every
+    /// target concurrently; repeated (up to `MAX_ROUNDS`) while files changed under it.
+    pub async fn run_job(self: &Arc<Self>, set: &str, job_id: u64) -> pb::JobReport {
+        let started = Instant::now();
+        let mut report = pb::JobReport {
+            job_id,
+            content_set: set.to_owned(),
+            ..Default::default()
+        };
+        let r = self.run_job_inner(set, job_id, &mut report).await;
+        if let Err(e) = &r {
+            report.error = format!("{e:#}");
+            tracing::warn!(job_id, content_set = set, error = %report.error, "job failed");
+        }
+        let ok = report.error.is_empty() && report.targets.iter().all(|t| t.ok);
+        if let Some(s) = self.sets.get(set) {
+            *s.last_sync.lock().unwrap() = Some(LastSync {
+                job_id,
+                at_unix: now_unix(),
+                ok,
+                error: (!ok).then(|| {
+                    if report.error.is_empty() {
+                        report
+                            .targets
+                            .iter()
+                            .filter(|t| !t.ok)
+                            .map(|t| format!("{}: {}", t.target, t.error))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    } else {
+                        report.error.clone()
+                    }
+                }),
+                side: "source",
+                files: report.targets.iter().map(|t| t.files_sent).sum(),
+                bytes: report.targets.iter().map(|t| t.bytes_sent).sum(),
+                duration_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        report
+    }
+
+    async fn run_job_inner(
+        self: &Arc<Self>,
+        set: &str,
+        job_id: u64,
+        report: &mut pb::JobReport,
+    ) -> anyhow::Result<()> {
+        let state = self
+            .sets
+            .get(set)
+            .with_context(|| format!("this node has no content set `{set}`"))?;
+        let assignment = state.assignment.lock().unwrap().clone();
+        let Some(assignment) = assignment else {
+            bail!("no assignment from the master yet for `{set}`")
+        };
+        if !assignment.is_source {
+            bail!(
+                "this node is not the source of `{set}` (the source is `{}`)",
+                assignment.source
+            );
+        }
+        let _busy = state.busy.lock().await;
+        let root_path = state.root.clone();
+        let index_path = self.index_path(set);
+        let mut pending: Vec<pb::Peer> = assignment.targets.clone();
+        let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
+        for round in 1..=MAX_ROUNDS {
+            let t0 = Instant::now();
+            let (root, manifest) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
+                let root = fs::Root::open(&root_path)?;
+                let mut index = fs::HashIndex::load(&index_path);
+                let (manifest, stats) = fs::scan(&root, &mut index)?;
+                index.save(&index_path)?;
+                tracing::info!(
+                    content_set = set,
+                    entries = stats.entries,
+                    hashed = stats.hashed_files,
+                    cached = stats.cached_files,
+                    "scanned"
+                );
+                Ok((root, manifest))
+            })?;
+            report.scan_ms += t0.elapsed().as_millis() as u64;
+            report.source_entries = manifest.len() as u64;
+            let seq = self.next_seq(set);
+            report.seq = seq;
+            let out = Arc::new(Outgoing {
+                content_set: set.to_owned(),
+                origin: self.name.clone(),
+                seq,
+                job_id,
+                manifest: Arc::new(manifest),
+                root: Arc::new(root),
+                zstd_level: assignment.zstd_level,
+                max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
+            });
+            let mut tasks = tokio::task::JoinSet::new();
+            for peer in pending.drain(..) {
+                let node = self.clone();
+                let out = out.clone();
+                tasks.spawn(async move {
+                    let t = Instant::now();
+                    let r = node.send_to(&peer, &out).await;
+                    (peer, r, t.elapsed())
+                });
+            }
+            while let Some(joined) = tasks.join_next().await {
+                let (peer, r, took) = joined.context("transfer task panicked")?;
+                let entry = results
+                    .entry(peer.name.clone())
+                    .or_insert_with(|| pb::TargetResult {
+                        target: peer.name.clone(),
+                        ..Default::default()
+                    });
+                entry.duration_ms += took.as_millis() as u64;
+                match r {
+                    Ok(st) => {
+                        entry.files_sent += st.files_sent;
+                        entry.bytes_sent += st.bytes_sent;
+                        entry.wire_bytes += st.wire_bytes;
+                        entry.resent += st.resent;
+                        entry.reused_local += st.apply.reused_local;
+                        entry.removed += st.apply.removed;
+                        entry.meta_only += st.apply.meta_only;
+                        entry.ok = st.apply.ok;
+                        entry.error = st.apply.error.clone();
+                        if st.apply.ok && (st.changed_since_scan > 0 || st.apply.skipped > 0) {
+                            if round < MAX_ROUNDS {
+                                tracing::info!(target = %peer.name, changed = st.changed_since_scan, "files changed during the job; another round");
+                                pending.push(peer);
+                            } else {
+                                entry.ok = false;
+                                entry.error = format!(
+                                    "{} files kept changing during {MAX_ROUNDS} rounds; run sync again",
+                                    st.changed_since_scan.max(st.apply.skipped)
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        entry.ok = false;
+                        entry.error = format!("{e:#}");
+                        tracing::warn!(target = %peer.name, error = %entry.error, "transfer failed");
+                    }
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+        }
+        report.targets = results.into_values().collect();
+        Ok(())
+    }
+
+    async fn send_to(
+        &self,
+        peer: &pb::Peer,
+        out: &Outgoing,
+    ) -> anyhow::Result<transfer::SendStats> {
+        if peer.data_addr.is_empty() {
+            bail!("target `{}` is not connected to the master", peer.name);
+        }
+        let mut conn = net::connect(&peer.data_addr, &peer.name, self.client_cfg.clone()).await?;
+        conn.client_hello(&self.name, pb::hello::Purpose::Transfer)
+            .await?;
+        let st = transfer::send(&mut conn, out).await?;
+        conn.shutdown().await;
+        Ok(st)
+    }
+
+    // ---- replica side -----------------------------------------------------------
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "data listener accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let node = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.serve_transfer(tcp, &acceptor).await {
+                    tracing::warn!(peer = %addr, error = %format!("{e:#}"), "refused or failed transfer");
+                }
+            });
+        }
+    }
+
+    async fn serve_transfer(
+        &self,
+        tcp: tokio::net::TcpStream,
+        acceptor: &TlsAcceptor,
+    ) -> anyhow::Result<()> {
+        let mut conn = net::accept(tcp, acceptor).await?;
+        let hello = conn.server_hello(&self.name, true).await?;
+        if hello.purpose != pb::hello::Purpose::Transfer as i32 {
+            conn.send_error(
+                pb::error::ErrorCode::BadRequest,
+                "this port accepts transfers only",
+            )
+            .await;
+            bail!(
+                "peer `{}` opened a non-transfer session on the data port",
+                hello.node_name
+            );
+        }
+        let begin = match conn.recv_msg().await? {
+            Msg::TransferBegin(b) => b,
+            m => bail!(
+                "expected TransferBegin from `{}`, got {}",
+                hello.node_name,
+                net::msg_name(&m)
+            ),
+        };
+        let Some(state) = self.sets.get(&begin.content_set) else {
+            conn.send_error(
+                pb::error::ErrorCode::UnknownContentSet,
+                format!("no content set `{}` here", begin.content_set),
+            )
+            .await;
+            bail!(
+                "`{}` sent unknown content set `{}`",
+                hello.node_name,
+                begin.content_set
+            );
+        };
+        let source = state
+            .assignment
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|a| a.source.clone());
+        if source.as_deref() != Some(hello.node_name.as_str()) || begin.origin != hello.node_name {
+            conn.send_error(
+                pb::error::ErrorCode::Unauthenticated,
+                "you are not the assigned source of this content set",
+            )
+            .await;
+            bail!(
+                "`{}` is not the assigned source of `{}` (assigned: {source:?})",
+                hello.node_name,
+                begin.content_set
+            );
+        }
+        let _busy = state.busy.lock().await;
+        let t0 = Instant::now();
+        let ctx = ReceiveContext {
+            root: state.root.clone(),
+            index_path: self.index_path(&begin.content_set),
+            owner: self.owner,
+        };
+        let r = transfer::receive(&mut conn, &begin, &ctx).await;
+        let (ok, error, files, bytes) = match &r {
+            Ok(s) => (
+                s.apply.ok,
+                (!s.apply.ok).then(|| s.apply.error.clone()),
+                s.apply.placed_files,
+                s.fetched_bytes,
+            ),
+            Err(e) => (false, Some(e.to_string()), 0, 0),
+        };
+        *state.last_sync.lock().unwrap() = Some(LastSync {
+            job_id: begin.job_id,
+            at_unix: now_unix(),
+            ok,
+            error,
+            side: "replica",
+            files,
+            bytes,
+            duration_ms: t0.elapsed().as_millis() as u64,
+        });
+        match r {
+            Ok(s) => {
+                tracing::info!(content_set = %begin.content_set, seq = begin.seq, from = %hello.node_name, fetched = s.fetched_files, placed = s.apply.placed_files, removed = s.apply.removed, "applied change set");
+                Ok(())
+            }
+            Err(e) => {
+                let code = match e {
+                    transfer::TransferError::BadManifest(_)
+                    | transfer::TransferError::Protocol(_) => pb::error::ErrorCode::BadRequest,
+                    _ => pb::error::ErrorCode::Internal,
+                };
+                conn.send_error(code, e.to_string()).await;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Loads the node's certificate, or joins the cluster with the configured token.
+async fn ensure_identity(
+    name: &str,
+    state_dir: &Path,
+    cfg: &NodeConfig,
+) -> anyhow::Result<Identity> {
+    let [key, cert, ca] = pki::NODE_FILES.map(|f| state_dir.join(f));
+    if !cert.exists() {
+        let token = cfg.join_token.as_deref().with_context(|| {
+            format!("{} has no certificate yet: set node.join_token (from `cdctl token create` on the master)", state_dir.display())
+        })?;
+        join(name, state_dir, cfg, token).await?;
+    }
+    Ok(Identity::load(name, &cert, &key, &ca)?)
+}
+
+/// Redeems a join token: verifies the master by the CA pin in the token, sends the
+/// token and the node's public key, stores the certificate it gets back.
+pub async fn join(
+    name: &str,
+    state_dir: &Path,
+    cfg: &NodeConfig,
+    token: &str,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let parsed = pki::JoinToken::parse(token)?;
+    let (key_pem, spki) = pki::generate_node_key()?;
+    let (tls, verifier) = pki::join_client_config(parsed.ca_pin)?;
+    let mut conn = net::connect(&cfg.master_addr, &cfg.master_name, tls)
+        .await
+        .context("join: connect to master")?;
+    conn.client_hello(name, pb::hello::Purpose::Join).await?;
+    conn.send(Msg::JoinRequest(pb::JoinRequest {
+        token: token.trim().to_owned(),
+        node_name: name.to_owned(),
+        public_key_spki: spki,
+    }))
+    .await?;
+    let resp = match conn
+        .recv_msg()
+        .await
+        .context("join: waiting for the master's answer")?
+    {
+        Msg::JoinResponse(r) => r,
+        m => bail!("join: expected JoinResponse, got {}", net::msg_name(&m)),
+    };
+    let pinned = verifier.ca().context("join: master CA was not verified")?;
+    let ca = rustls_pki_types::CertificateDer::from_pem_slice(resp.ca_cert_pem.as_bytes())
+        .context("join: CA from master")?;
+    if ca.as_ref() != pinned.as_ref() {
+        bail!("join: the master sent a CA that differs from the one it presented");
+    }
+    std::fs::create_dir_all(state_dir)?;
+    let write = |file: &str, body: &str, mode: u32| -> anyhow::Result<()> {
+        use std::io::Write;
+        let p = state_dir.join(file);
+        let tmp = state_dir.join(format!("{file}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(body.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("store {}", p.display()))
+    };
+    write("node.key", &key_pem, 0o600)?;
+    write("ca.pem", &resp.ca_cert_pem, 0o644)?;
+    // The certificate last: its presence means "joined".
+    write("node.pem", &resp.node_cert_pem, 0o644)?;
+    tracing::info!(node = name, "joined the cluster");
+    Ok(())
+}
+
+use rustls_pki_types::pem::PemObject as _;
