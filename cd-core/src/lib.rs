@@ -14,12 +14,14 @@
 //!   into the source without exposing half-applied state (stage everything, then
 //!   rename in dependency order; content the replica already holds is moved or copied
 //!   locally instead of re-sent).
+//! - [`event`]: one file-system change as a capture backend decodes it.
 //! - [`changeset`]: a numbered batch of changes from one origin; the carrier that both
 //!   manual sync (a full manifest) and real-time capture (incremental operations) feed.
 
 #![forbid(unsafe_code)]
 
 pub mod changeset;
+pub mod event;
 pub mod manifest;
 pub mod path;
 pub mod plan;
