@@ -567,8 +567,10 @@ impl Exec<'_> {
                 });
             match r {
                 Ok(()) => {}
-                // Removed by a later step.
-                Err(e) if e.is_not_found() => {}
+                // Removed by a later step (ENOENT), or removed and replaced by a
+                // non-directory (ENOTDIR): either way the removal itself is made
+                // durable by the fsync of its parent, which is touched too.
+                Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "apply: directory fsync failed");
                     self.report.errors.push(e.to_string());

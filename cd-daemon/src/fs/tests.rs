@@ -506,3 +506,19 @@ fn plans_from_the_planner_never_touch_the_stage_parent_or_root_meta() {
     let m = scan(&t.b, &mut HashIndex::new()).unwrap().0;
     assert!(m.iter().any(|e| matches!(e.kind, EntryKind::File { .. })));
 }
+
+/// Regression: the fsync of a directory that a move emptied, and that a later step
+/// replaced with a file, failed with ENOTDIR and marked a correct sync as failed.
+#[test]
+fn directory_replaced_by_file_after_its_content_moved_out() {
+    let mut t = Pair::new();
+    t.opts.fsync = true;
+    std::fs::create_dir_all(t.a("d")).unwrap();
+    write(&t.a("d/x"), &big(1, 10_000));
+    t.sync("initial");
+    std::fs::rename(t.a("d/x"), t.a("x")).unwrap();
+    std::fs::remove_dir(t.a("d")).unwrap();
+    write(&t.a("d"), b"now a file");
+    let (p, _) = t.sync("directory replaced by a file after its content moved out");
+    assert_eq!(p.stats.reused_local, 1, "the moved file is reused, not re-sent");
+}
