@@ -47,7 +47,7 @@
 //! [`Root`], [`HashIndex`] are `Send + Sync`; [`Stage`] and
 //! [`SendFile`] are `Send`.
 //!
-//! ```ignore
+//! ```text
 //! // Source: list the tree, then serve each Fetch of the replica's plan.
 //! let src = Root::open(source_dir)?;
 //! let mut index = HashIndex::load(&src.index_path());

@@ -1,0 +1,594 @@
+//! Multi-process integration tests: a master and nodes as real `cdd` processes on
+//! loopback, driven with `cdctl`, judged by `cd-testkit`'s independent comparator.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cd_testkit::cluster::{Cluster, ClusterSpec, counter, run, target_report};
+use cd_testkit::compare::{assert_identical, compare};
+use cd_testkit::mutate::{MutateSpec, mutate};
+use cd_testkit::signal::SIGKILL;
+use cd_testkit::tree::{TreeSpec, generate};
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+
+fn cdd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cdd"))
+}
+
+fn cdctl() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cdctl"))
+}
+
+fn start(dir: &Path, nodes: usize, max_rate: u64) -> Cluster {
+    let mut spec = ClusterSpec::new(nodes, dir, &cdd(), &cdctl());
+    spec.max_rate = max_rate;
+    Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"))
+}
+
+fn sync_ok(c: &Cluster) -> Value {
+    c.sync().unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn assert_replicas_identical(c: &Cluster) {
+    let source = c.root(c.source()).unwrap();
+    for t in c.targets() {
+        assert_identical(&source, &c.root(&t).unwrap());
+    }
+}
+
+fn target_counter(report: &Value, target: &str, field: &str) -> u64 {
+    let t = target_report(report, target).unwrap();
+    counter(t, field).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Deterministic, incompressible bytes (splitmix64 of `seed` and the word index).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut i = 0u64;
+    while out.len() < len {
+        let mut z = (seed << 32 ^ i).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Regular files anywhere under `dir` (empty if it does not exist).
+fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(md) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() {
+            out.extend(files_under(&p));
+        } else if md.is_file() {
+            out.push((p, md.len()));
+        }
+    }
+    out
+}
+
+/// Polls `<root>/.cdsync/stage/` until it holds a regular file with some but not all
+/// of its `full_len` bytes (a transfer in progress) or `sync` has finished.
+fn wait_for_partial_stage(
+    root: &Path,
+    full_len: u64,
+    sync: &mut cd_testkit::cluster::BackgroundSync,
+) -> Option<(PathBuf, u64)> {
+    let stage = root.join(".cdsync/stage");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Some(f) = files_under(&stage)
+            .into_iter()
+            .find(|(_, l)| (1..full_len).contains(l))
+        {
+            return Some(f);
+        }
+        if sync.is_finished().unwrap() {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+#[test]
+fn cluster_replicates_tree_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = start(tmp.path(), 4, 0);
+    let source = c.root(c.source()).unwrap();
+    let mut spec = TreeSpec::new(800, 11);
+    spec.max_total_bytes = 24 * MIB as u64;
+    let summary = generate(&source, &spec).unwrap();
+    let big = noise(77, 2 * MIB);
+    fs::create_dir(source.join("reuse")).unwrap();
+    fs::write(source.join("reuse/big.bin"), &big).unwrap();
+
+    // First sync: everything travels.
+    let r1 = sync_ok(&c);
+    assert_eq!(r1["content_set"], "www", "{r1}");
+    for t in c.targets() {
+        // Empty replicas: (nearly) all content travels; empty files need no content.
+        let sent = target_counter(&r1, &t, "files_sent");
+        let bytes = target_counter(&r1, &t, "bytes_sent");
+        assert!(sent > 0, "{t}: {r1}");
+        assert!(
+            bytes * 10 >= (summary.bytes + big.len() as u64) * 9,
+            "{t}: only {bytes} content bytes sent for {} source bytes: {r1}",
+            summary.bytes
+        );
+    }
+    assert_replicas_identical(&c);
+
+    // One round of every kind of edit.
+    let counts = mutate(&source, &MutateSpec::new(5, 5)).unwrap();
+    assert!(counts.total() > 50, "{counts}");
+    let r2 = sync_ok(&c);
+    for t in c.targets() {
+        assert!(target_counter(&r2, &t, "files_sent") > 0, "{t}: {r2}");
+        assert!(target_counter(&r2, &t, "removed") > 0, "{t}: {r2}");
+    }
+    assert_replicas_identical(&c);
+
+    // Nothing changed: nothing travels, nothing is touched.
+    let r3 = sync_ok(&c);
+    for t in c.targets() {
+        for field in [
+            "files_sent",
+            "bytes_sent",
+            "removed",
+            "meta_only",
+            "reused_local",
+        ] {
+            assert_eq!(target_counter(&r3, &t, field), 0, "{t}.{field}: {r3}");
+        }
+    }
+    assert_replicas_identical(&c);
+
+    // A rename is replayed on the replica from local content; only new content travels.
+    fs::create_dir(source.join("reuse/moved")).unwrap();
+    fs::rename(
+        source.join("reuse/big.bin"),
+        source.join("reuse/moved/big-renamed.bin"),
+    )
+    .unwrap();
+    fs::write(source.join("reuse/new.txt"), b"fresh content\n").unwrap();
+    let r4 = sync_ok(&c);
+    for t in c.targets() {
+        assert!(target_counter(&r4, &t, "reused_local") >= 1, "{t}: {r4}");
+        assert_eq!(target_counter(&r4, &t, "files_sent"), 1, "{t}: {r4}");
+        let bytes = target_counter(&r4, &t, "bytes_sent");
+        assert!(bytes < big.len() as u64, "{t}: renamed file re-sent: {r4}");
+    }
+    assert_replicas_identical(&c);
+}
+
+#[test]
+fn receiver_killed_mid_transfer_never_exposes_partial_file() {
+    const FILES: usize = 8;
+    const LEN: usize = 4 * MIB;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = start(tmp.path(), 3, 4 * MIB as u64);
+    let source = c.root(c.source()).unwrap();
+    let victim = "node2";
+    let victim_root = c.root(victim).unwrap();
+    let name = |i: usize| format!("big/file-{i}.bin");
+    let old: Vec<Vec<u8>> = (0..FILES).map(|i| noise(i as u64, LEN)).collect();
+    let new: Vec<Vec<u8>> = (0..FILES).map(|i| noise(1000 + i as u64, LEN)).collect();
+
+    fs::create_dir(source.join("big")).unwrap();
+    for (i, content) in old.iter().enumerate() {
+        fs::write(source.join(name(i)), content).unwrap();
+    }
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+
+    for (i, content) in new.iter().enumerate() {
+        fs::write(source.join(name(i)), content).unwrap();
+    }
+    let mut job = c.sync_background().unwrap();
+    let seen = wait_for_partial_stage(&victim_root, LEN as u64, &mut job);
+    let Some((staged, staged_len)) = seen else {
+        panic!(
+            "never saw a partially written file in {}/.cdsync/stage/ during a rate-limited \
+             transfer of {FILES} x {LEN} bytes, so the kill could not be tested; job: {:?}",
+            victim_root.display(),
+            job.wait().map(|o| o.report)
+        );
+    };
+    c.kill(victim, SIGKILL).unwrap();
+    eprintln!(
+        "killed {victim} while {} held {staged_len} bytes",
+        staged.display()
+    );
+
+    // Every final path holds the complete old or the complete new content.
+    for i in 0..FILES {
+        let got = fs::read(victim_root.join(name(i))).unwrap();
+        assert!(
+            got == old[i] || got == new[i],
+            "{victim}: {} is neither the old nor the new version ({} bytes)",
+            name(i),
+            got.len()
+        );
+    }
+    let visible: Vec<PathBuf> = files_under(&victim_root)
+        .into_iter()
+        .map(|(p, _)| p.strip_prefix(&victim_root).unwrap().to_path_buf())
+        .filter(|p| !p.starts_with(".cdsync"))
+        .collect();
+    assert_eq!(
+        visible.len(),
+        FILES,
+        "unexpected files on {victim}: {visible:?}"
+    );
+
+    let out = job.wait().unwrap();
+    assert_eq!(out.exit_code, 1, "{}", out.report);
+    let v = out.target(victim).unwrap();
+    assert_eq!(v["ok"], false, "{}", out.report);
+    assert!(
+        !v["error"].as_str().unwrap_or("").is_empty(),
+        "{}",
+        out.report
+    );
+    assert_eq!(out.target("node3").unwrap()["ok"], true, "{}", out.report);
+
+    c.restart(victim).unwrap();
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+    let leftovers = files_under(&victim_root.join(".cdsync/stage"));
+    assert!(
+        leftovers.is_empty(),
+        "stage leftovers on {victim}: {leftovers:?}"
+    );
+    if let Ok(rd) = fs::read_dir(victim_root.join(".cdsync/stage")) {
+        let names: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+        assert!(names.is_empty(), "stage leftovers on {victim}: {names:?}");
+    }
+}
+
+/// One config case for `cdd check-config`: the text and the line the error must name.
+struct BadConfig {
+    what: &'static str,
+    text: String,
+    /// Line that must appear as `FILE:LINE:` in stderr.
+    line: usize,
+    /// Text that must appear in stderr too.
+    mention: &'static str,
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle} not in config"))
+        + 1
+}
+
+fn bad(what: &'static str, text: String, marker: &str, mention: &'static str) -> BadConfig {
+    BadConfig {
+        what,
+        line: line_of(&text, marker),
+        text,
+        mention,
+    }
+}
+
+#[test]
+fn bad_config_exits_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let root = d.join("root");
+    fs::create_dir(&root).unwrap();
+    let pki = d.join("pki");
+    let mut ca = Command::new(cdctl());
+    ca.args(["ca", "init", "--master-name", "master", "--dir"])
+        .arg(&pki);
+    let out = run(ca, Duration::from_secs(60)).unwrap();
+    assert!(out.status.success(), "cdctl ca init: {out:?}");
+
+    let state = d.join("state");
+    let master = format!(
+        "name = \"master\"\nstate_dir = \"{}\"\n\n[master]\nlisten = \"127.0.0.1:7700\"\n\
+         pki_dir = \"{}\"\n\n[[master.content_sets]]\nname = \"www\"\nsource = \"node1\"\n\
+         targets = [\"node2\"]\nzstd_level = 3\nmax_rate_bytes_per_sec = 0\n",
+        state.display(),
+        pki.display()
+    );
+    let node = format!(
+        "name = \"node1\"\nstate_dir = \"{}\"\n\n[node]\nmaster_addr = \"127.0.0.1:7700\"\n\
+         master_name = \"master\"\nlisten = \"127.0.0.1:0\"\njoin_token = \"cdj1example\"\n\n\
+         [[node.content_sets]]\nname = \"www\"\nroot = \"{}\"\n",
+        d.join("nstate").display(),
+        root.display()
+    );
+
+    // The good one first: otherwise every case below could pass for a broken parser.
+    let good = d.join("good.toml");
+    fs::write(&good, &master).unwrap();
+    let mut cmd = Command::new(cdd());
+    cmd.arg("check-config").arg(&good);
+    let out = run(cmd, Duration::from_secs(30)).unwrap();
+    assert_eq!(out.status.code(), Some(0), "good config refused: {out:?}");
+
+    let cases = [
+        bad(
+            "TOML syntax error",
+            master.replace("[master]", "[master"),
+            "[master",
+            "",
+        ),
+        bad(
+            "unknown key",
+            master.replace("listen =", "colour = \"blue\"\nlisten ="),
+            "colour",
+            "colour",
+        ),
+        bad(
+            "missing field",
+            node.replace("master_addr = \"127.0.0.1:7700\"\n", ""),
+            "[node]",
+            "master_addr",
+        ),
+        bad(
+            "zstd level out of range",
+            master.replace("zstd_level = 3", "zstd_level = 99"),
+            "zstd_level",
+            "zstd_level",
+        ),
+        bad(
+            "invalid name",
+            master.replace("name = \"master\"", "name = \"Master_1\""),
+            "Master_1",
+            "name",
+        ),
+        bad(
+            "content root missing",
+            node.replace(
+                &format!("root = \"{}\"", root.display()),
+                "root = \"/nonexistent/cdsync/root\"",
+            ),
+            "/nonexistent/cdsync/root",
+            "/nonexistent/cdsync/root",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let path = d.join(format!("bad-{i}.toml"));
+        fs::write(&path, &case.text).unwrap();
+        let mut cmd = Command::new(cdd());
+        cmd.arg("check-config").arg(&path);
+        let out = run(cmd, Duration::from_secs(30)).unwrap();
+        let want = format!("{}:{}:", path.display(), case.line);
+        let problems: Vec<&str> = [
+            (out.status.code() != Some(64), "exit code is not 64"),
+            (!out.stderr.contains(&want), "stderr lacks FILE:LINE:"),
+            (
+                !out.stderr.contains(case.mention),
+                "stderr lacks the culprit",
+            ),
+        ]
+        .iter()
+        .filter(|(bad, _)| *bad)
+        .map(|(_, why)| *why)
+        .collect();
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{}: {} (exit {:?}, wanted `{want}` and `{}` in stderr: {:?})",
+                case.what,
+                problems.join(", "),
+                out.status.code(),
+                case.mention,
+                out.stderr.trim()
+            ));
+        }
+    }
+    // `cdd run` refuses a bad config the same way.
+    let path = d.join("bad-run.toml");
+    fs::write(&path, &cases[3].text).unwrap();
+    let mut cmd = Command::new(cdd());
+    cmd.arg("run").arg("--config").arg(&path);
+    let out = run(cmd, Duration::from_secs(30)).unwrap();
+    if out.status.code() != Some(64) {
+        failures.push(format!(
+            "cdd run with a bad config: exit {:?}",
+            out.status.code()
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Content of version `v` of the hot file: every 4 KiB block starts with `v` and its
+/// own index, the rest is noise derived from `v`, so any mix of versions is visible.
+fn versioned(v: u64, len: usize) -> Vec<u8> {
+    let mut out = noise(v + 1_000_000, len);
+    for (i, block) in out.chunks_mut(4096).enumerate() {
+        block[..8].copy_from_slice(&v.to_le_bytes());
+        block[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    out
+}
+
+/// The version a hot-file image holds, or a description of how it is torn.
+fn version_of(data: &[u8], len: usize) -> Result<u64, String> {
+    if data.len() != len {
+        return Err(format!("length {} instead of {len}", data.len()));
+    }
+    let v = u64::from_le_bytes(data[..8].try_into().unwrap());
+    if data == versioned(v, len).as_slice() {
+        return Ok(v);
+    }
+    let mut versions: Vec<u64> = data
+        .chunks(4096)
+        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()))
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    Err(format!("torn: blocks from versions {versions:?}"))
+}
+
+#[test]
+fn change_during_read_is_resent_not_torn() {
+    const LEN: usize = 8 * MIB;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = start(tmp.path(), 2, 4 * MIB as u64);
+    let source = c.root(c.source()).unwrap();
+    let target_root = c.root("node2").unwrap();
+    let hot = source.join("hot.bin");
+    fs::write(&hot, versioned(0, LEN)).unwrap();
+    fs::write(source.join("cold.txt"), b"unchanged\n").unwrap();
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+
+    // A writer rewrites the file in place, version after version, in chunks, with a
+    // short pause between versions.
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (done, stop, hot) = (done.clone(), stop.clone(), hot.clone());
+        thread::spawn(move || {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = fs::OpenOptions::new().write(true).open(&hot).unwrap();
+            let mut v = 0;
+            while !stop.load(Ordering::SeqCst) {
+                v += 1;
+                let data = versioned(v, LEN);
+                f.seek(SeekFrom::Start(0)).unwrap();
+                for chunk in data.chunks(256 * 1024) {
+                    f.write_all(chunk).unwrap();
+                    thread::sleep(Duration::from_millis(2));
+                }
+                done.store(v, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(30));
+            }
+        })
+    };
+    while done.load(Ordering::SeqCst) < 1 {
+        thread::sleep(Duration::from_millis(5));
+    }
+
+    let mut job = c.sync_background().unwrap();
+    let seen = wait_for_partial_stage(&target_root, LEN as u64, &mut job);
+    let at_partial = done.load(Ordering::SeqCst);
+    // Keep writing until at least two more versions completed after the transfer was
+    // seen in flight (bounded: the writer needs well under a second per version).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.is_some()
+        && done.load(Ordering::SeqCst) < at_partial + 2
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let after_partial = done.load(Ordering::SeqCst) - at_partial;
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let last = done.load(Ordering::SeqCst);
+    let out = job.wait().unwrap();
+
+    assert!(
+        seen.is_some(),
+        "the transfer of hot.bin was never seen in flight on node2, so the test proved \
+         nothing; job: {}",
+        out.report
+    );
+    assert!(
+        after_partial >= 2,
+        "writer stalled: {after_partial} versions after staging"
+    );
+    assert_eq!(out.exit_code, 0, "{}", out.report);
+    let t = out.target("node2").unwrap();
+    assert!(counter(t, "files_sent").unwrap() >= 1, "{}", out.report);
+    eprintln!("resent = {}, last version written = {last}", t["resent"]);
+
+    let replica = fs::read(target_root.join("hot.bin")).unwrap();
+    let v = version_of(&replica, LEN).unwrap_or_else(|e| panic!("node2 hot.bin: {e}"));
+    assert!(
+        (1..=last).contains(&v),
+        "replica holds version {v}, written: 1..={last}"
+    );
+
+    // With the writer stopped, the next sync converges to the final version.
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+    let replica = fs::read(target_root.join("hot.bin")).unwrap();
+    assert_eq!(version_of(&replica, LEN), Ok(last));
+    let diffs = compare(&source, &target_root).unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+#[test]
+fn examples_pass_check_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir(d.join("www")).unwrap();
+    let mut ca = Command::new(cdctl());
+    ca.args(["ca", "init", "--master-name", "master", "--dir"])
+        .arg(d.join("pki"));
+    let out = run(ca, Duration::from_secs(60)).unwrap();
+    assert!(out.status.success(), "cdctl ca init: {out:?}");
+    // Only the machine-specific paths are replaced; everything else is checked as shipped.
+    let replacements = [
+        ("/etc/cdsync/pki", d.join("pki")),
+        ("/var/lib/cdsync", d.join("state")),
+        ("/srv/www", d.join("www")),
+    ];
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for name in ["master.toml", "node.toml"] {
+        let mut text = fs::read_to_string(examples.join(name)).unwrap();
+        for (from, to) in &replacements {
+            text = text.replace(from, to.to_str().unwrap());
+        }
+        let live: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(
+            !live
+                .iter()
+                .any(|l| l.contains("\"/etc/") || l.contains("\"/var/")),
+            "examples/{name} names a path this test does not replace: {live:?}"
+        );
+        let path = d.join(name);
+        fs::write(&path, text).unwrap();
+        let mut cmd = Command::new(cdd());
+        cmd.arg("check-config").arg(&path);
+        let out = run(cmd, Duration::from_secs(30)).unwrap();
+        assert_eq!(out.status.code(), Some(0), "examples/{name}: {out:?}");
+    }
+}
+
+#[test]
+fn ca_init_refuses_to_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    let init = || {
+        let mut ca = Command::new(cdctl());
+        ca.args(["ca", "init", "--master-name", "master", "--dir"])
+            .arg(&pki);
+        run(ca, Duration::from_secs(60)).unwrap()
+    };
+    assert_eq!(init().status.code(), Some(0));
+    let key = fs::read(pki.join("ca.key")).unwrap();
+    for f in ["ca.pem", "ca.key", "master.pem", "master.key"] {
+        assert!(pki.join(f).is_file(), "{f} missing");
+    }
+    let again = init();
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert_eq!(
+        fs::read(pki.join("ca.key")).unwrap(),
+        key,
+        "ca.key was replaced"
+    );
+}

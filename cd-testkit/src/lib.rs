@@ -1,0 +1,55 @@
+//! Test support for cdsync, shared by `xtask`, the integration tests of `cd-daemon`,
+//! `vm-tests` and `bench`.
+//!
+//! Nothing here uses cdsync code: the point of this crate is to judge the daemon from
+//! the outside, with plain `std::fs`, real processes and its documented CLI.
+//!
+//! - [`tree`]: a seeded generator of a realistic web content tree (nested and empty
+//!   directories, small and large files, symlinks, hard links, odd names, modes,
+//!   foreign owners, past mtimes with nanoseconds). Same seed, same tree.
+//! - [`mutate`]: one scripted, seeded round of edits of such a tree (content, size,
+//!   renames, deletes, attributes, type changes, additions), with counts per kind.
+//! - [`compare`]: an independent comparator of two trees: paths, types, bytes, mode,
+//!   owner, mtime, symlink targets and hard-link structure.
+//! - [`cluster`]: launches a master and nodes as real `cdd` processes on loopback,
+//!   drives them with `cdctl`, and tears them down on drop.
+
+pub mod cluster;
+pub mod compare;
+pub mod mutate;
+pub mod tree;
+
+#[expect(
+    unsafe_code,
+    reason = "libc calls std lacks: utimensat(AT_SYMLINK_NOFOLLOW), kill, geteuid, sigwait"
+)]
+mod sys;
+
+pub use sys::{is_root, wait_for_termination_signal};
+
+/// Signal numbers accepted by [`cluster::Cluster::kill`].
+pub mod signal {
+    /// Hard kill, cannot be caught.
+    pub const SIGKILL: i32 = libc::SIGKILL;
+    /// Graceful stop.
+    pub const SIGTERM: i32 = libc::SIGTERM;
+    /// Graceful stop (Ctrl-C).
+    pub const SIGINT: i32 = libc::SIGINT;
+    /// Freeze the process.
+    pub const SIGSTOP: i32 = libc::SIGSTOP;
+    /// Thaw a frozen process.
+    pub const SIGCONT: i32 = libc::SIGCONT;
+}
+
+/// Shows a path for humans: plain when it is UTF-8, escaped (`Debug`) otherwise, so a
+/// non-UTF-8 name stays distinguishable in a report. The empty path shows as `.`.
+#[must_use]
+pub fn show_path(p: &std::path::Path) -> String {
+    if p.as_os_str().is_empty() {
+        return ".".to_owned();
+    }
+    match p.to_str() {
+        Some(s) => s.to_owned(),
+        None => format!("{p:?}"),
+    }
+}

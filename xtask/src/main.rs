@@ -1,0 +1,509 @@
+//! `cargo xtask`: the developer and CI tasks of the cdsync workspace.
+//!
+//! - `cargo xtask demo [--keep DIR] [--hold] [--nodes N] [--files N]`: build the
+//!   daemon (release), start a master, a source and N target nodes on loopback, seed a
+//!   few thousand files, sync, mutate, sync again, and verify every replica with the
+//!   independent comparator of `cd-testkit`.
+//! - `cargo xtask test [PHASE...]`: the single test command of CI (`.ci/run`): format
+//!   check, clippy, the workspace tests; each phase timed, first failure stops the run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use cd_testkit::cluster::{Cluster, ClusterSpec, SyncOutcome, counter};
+use cd_testkit::compare::compare;
+use cd_testkit::mutate::{MutateSpec, mutate};
+use cd_testkit::tree::{TreeSpec, generate};
+use serde_json::Value;
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [options]
+
+tasks:
+  demo [--keep DIR] [--hold] [--nodes N] [--files N]
+        build cdd/cdctl (release), start a master, a source node and N target nodes
+        (default 3) on 127.0.0.1, seed about N files (default 3000) on the source, sync,
+        mutate, sync again and verify every replica; exits non-zero on any difference.
+        --keep DIR  keep the content roots at DIR/<node>/ (daemon state in DIR/.state/)
+        --hold      after verifying, keep the cluster running until Ctrl-C / SIGTERM
+  test [PHASE...]
+        run the CI phases in order (default all): fmt, clippy, test";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("demo") => demo(&DemoArgs::parse(&args[1..])?),
+        Some("test") => test(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown task `{other}`\n\n{USAGE}"),
+        None => bail!("no task given\n\n{USAGE}"),
+    }
+}
+
+/// The workspace root (parent of this crate).
+fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// The cargo that runs us (so that `cargo +toolchain xtask` stays consistent).
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------
+// test
+
+/// One step of `cargo xtask test`.
+#[derive(Debug)]
+struct Phase {
+    name: &'static str,
+    args: &'static [&'static str],
+}
+
+/// The phases, in order. Later tiers slot in here as further entries: privileged
+/// `vm-tests` (namespaces, kernel hooks), then the qemu guest for kTLS. Anything they
+/// need installed goes in [`prepare`].
+const PHASES: &[Phase] = &[
+    Phase {
+        name: "fmt",
+        args: &["fmt", "--all", "--", "--check"],
+    },
+    Phase {
+        name: "clippy",
+        args: &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "-j2",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    },
+    Phase {
+        name: "test",
+        // --no-fail-fast: one failing test binary must not hide the others' results.
+        args: &["test", "--workspace", "-j2", "--no-fail-fast"],
+    },
+];
+
+/// Installs what the phases need. Nothing yet; system packages will be installed here
+/// (`apt-get install -y ...`) when a phase needs them, so that CI on a fresh machine
+/// has them too.
+fn prepare() -> Result<()> {
+    Ok(())
+}
+
+fn test(selected: &[String]) -> Result<()> {
+    for s in selected {
+        ensure!(
+            PHASES.iter().any(|p| p.name == s),
+            "unknown phase `{s}` (phases: {})",
+            PHASES.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let phases: Vec<&Phase> = PHASES
+        .iter()
+        .filter(|p| selected.is_empty() || selected.iter().any(|s| s == p.name))
+        .collect();
+    prepare()?;
+    let start = Instant::now();
+    let mut done = Vec::new();
+    for (i, phase) in phases.iter().enumerate() {
+        eprintln!(
+            "==> xtask test [{}/{}] {}: cargo {}",
+            i + 1,
+            phases.len(),
+            phase.name,
+            phase.args.join(" ")
+        );
+        let t = Instant::now();
+        let status = cargo()
+            .args(phase.args)
+            .status()
+            .with_context(|| format!("starting cargo for phase {}", phase.name))?;
+        let took = t.elapsed();
+        if !status.success() {
+            bail!(
+                "phase `{}` failed ({status}) after {}; reproduce with: cargo {}",
+                phase.name,
+                secs(took),
+                phase.args.join(" ")
+            );
+        }
+        eprintln!("<== {} ok in {}", phase.name, secs(took));
+        done.push(format!("{} {}", phase.name, secs(took)));
+    }
+    eprintln!(
+        "xtask test: all {} phases ok in {} ({})",
+        phases.len(),
+        secs(start.elapsed()),
+        done.join(", ")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// demo
+
+#[derive(Debug)]
+struct DemoArgs {
+    keep: Option<PathBuf>,
+    hold: bool,
+    targets: usize,
+    files: usize,
+}
+
+impl DemoArgs {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut out = Self {
+            keep: None,
+            hold: false,
+            targets: 3,
+            files: 3000,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |name: &str| {
+                it.next()
+                    .cloned()
+                    .with_context(|| format!("{name} needs a value"))
+            };
+            match a.as_str() {
+                "--keep" => out.keep = Some(PathBuf::from(value("--keep")?)),
+                "--hold" => out.hold = true,
+                "--nodes" => {
+                    let v = value("--nodes")?;
+                    out.targets = v.parse().with_context(|| format!("--nodes {v}"))?;
+                    ensure!(out.targets >= 1, "--nodes must be at least 1");
+                }
+                "--files" => {
+                    let v = value("--files")?;
+                    out.files = v.parse().with_context(|| format!("--files {v}"))?;
+                    ensure!(out.files >= 10, "--files must be at least 10");
+                }
+                "-h" | "--help" => bail!("{USAGE}"),
+                other => bail!("unknown demo option `{other}`\n\n{USAGE}"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One line of the demo's table.
+#[derive(Debug)]
+struct Row {
+    step: String,
+    took: Duration,
+    detail: String,
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    #[expect(clippy::cast_precision_loss, reason = "display only")]
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Builds cdd and cdctl in release mode; returns their paths.
+fn build_release() -> Result<(PathBuf, PathBuf)> {
+    let status = cargo()
+        .args(["build", "-j2", "--release", "-p", "cd-daemon", "--bins"])
+        .status()
+        .context("starting cargo build")?;
+    ensure!(
+        status.success(),
+        "cargo build of cd-daemon failed ({status})"
+    );
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("running cargo metadata")?;
+    ensure!(out.status.success(), "cargo metadata failed");
+    let meta: Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let target = meta["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    let dir = Path::new(target).join("release");
+    Ok((dir.join("cdd"), dir.join("cdctl")))
+}
+
+/// Summary of a job report for the table.
+fn job_detail(out: &SyncOutcome) -> String {
+    let r = &out.report;
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut wire = 0;
+    let mut reused = 0;
+    let mut removed = 0;
+    let mut failed = Vec::new();
+    for t in r["targets"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        files += counter(t, "files_sent").unwrap_or(0);
+        bytes += counter(t, "bytes_sent").unwrap_or(0);
+        wire += counter(t, "wire_bytes").unwrap_or(0);
+        reused += counter(t, "reused_local").unwrap_or(0);
+        removed += counter(t, "removed").unwrap_or(0);
+        if t["ok"] != true {
+            failed.push(format!(
+                "{}: {}",
+                t["target"].as_str().unwrap_or("?"),
+                t["error"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    let mut s = format!(
+        "job {} ({} source entries): to all targets {files} files, {} content, {} on the \
+         wire, {reused} reused, {removed} removed",
+        r["job_id"],
+        r["source_entries"],
+        human_bytes(bytes),
+        human_bytes(wire)
+    );
+    if !failed.is_empty() {
+        s.push_str(&format!("; FAILED {}", failed.join("; ")));
+    }
+    s
+}
+
+fn demo(args: &DemoArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    let t = Instant::now();
+    let (cdd, cdctl) = build_release()?;
+    rows.push(Row {
+        step: "build".into(),
+        took: t.elapsed(),
+        detail: format!("{}", cdd.display()),
+    });
+
+    // Where everything lives.
+    let tmp;
+    let (state_dir, roots_dir) = if let Some(keep) = &args.keep {
+        if keep.exists() {
+            let mut entries = std::fs::read_dir(keep)
+                .with_context(|| format!("reading --keep dir {}", keep.display()))?;
+            ensure!(
+                entries.next().is_none(),
+                "--keep {} exists and is not empty; give a new or empty directory",
+                keep.display()
+            );
+        }
+        std::fs::create_dir_all(keep).with_context(|| format!("creating {}", keep.display()))?;
+        let keep = keep
+            .canonicalize()
+            .with_context(|| format!("resolving {}", keep.display()))?;
+        (keep.join(".state"), keep)
+    } else {
+        tmp = tempfile::Builder::new()
+            .prefix("cdsync-demo-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        (tmp.path().to_path_buf(), tmp.path().join("roots"))
+    };
+
+    let t = Instant::now();
+    let mut spec = ClusterSpec::new(args.targets + 1, &state_dir, &cdd, &cdctl);
+    spec.roots_dir = Some(roots_dir);
+    spec.zstd_level = Some(3);
+    let cluster = Cluster::start(spec)?;
+    rows.push(Row {
+        step: "start cluster".into(),
+        took: t.elapsed(),
+        detail: format!(
+            "master on {} + source node1 + {} targets",
+            cluster.master_addr(),
+            args.targets
+        ),
+    });
+
+    let source = cluster.root(cluster.source())?;
+    let t = Instant::now();
+    let s = generate(&source, &TreeSpec::new(args.files, 2024))?;
+    rows.push(Row {
+        step: "seed source".into(),
+        took: t.elapsed(),
+        detail: format!(
+            "{} files, {} dirs ({} empty), {} symlinks, {} hard links, {}",
+            s.files,
+            s.dirs,
+            s.empty_dirs,
+            s.symlinks,
+            s.hardlinks,
+            human_bytes(s.bytes)
+        ),
+    });
+
+    let mut differences = Vec::new();
+    let mut failed_syncs = 0;
+    for round in 1..=2 {
+        if round == 2 {
+            let t = Instant::now();
+            let c = mutate(&source, &MutateSpec::new(7, 10))?;
+            rows.push(Row {
+                step: "mutate source".into(),
+                took: t.elapsed(),
+                detail: format!("{} edits: {c}", c.total()),
+            });
+        }
+        let t = Instant::now();
+        let out = cluster.try_sync()?;
+        if out.exit_code != 0 {
+            failed_syncs += 1;
+        }
+        rows.push(Row {
+            step: format!("sync #{round}"),
+            took: t.elapsed(),
+            detail: job_detail(&out),
+        });
+        let t = Instant::now();
+        let mut bad = Vec::new();
+        for target in cluster.targets() {
+            let d = compare(&source, &cluster.root(&target)?)?;
+            if !d.is_empty() {
+                bad.push(format!("{target}: {} differences", d.len()));
+                differences.push((round, target, d));
+            }
+        }
+        rows.push(Row {
+            step: format!("verify #{round}"),
+            took: t.elapsed(),
+            detail: if bad.is_empty() {
+                format!(
+                    "{} replicas identical to the source",
+                    cluster.targets().len()
+                )
+            } else {
+                format!("DIFFERENT: {}", bad.join(", "))
+            },
+        });
+    }
+
+    println!();
+    println!("{:<14} | {:>8} | detail", "step", "duration");
+    println!("{:-<14}-+-{:->8}-+-{:-<60}", "", "", "");
+    for r in &rows {
+        println!("{:<14} | {:>8} | {}", r.step, secs(r.took), r.detail);
+    }
+    println!();
+    for (round, target, d) in &differences {
+        println!("after sync #{round}, {target} differs from the source (first 20):");
+        for line in d.iter().take(20) {
+            println!("  {line}");
+        }
+    }
+    if !differences.is_empty() || failed_syncs > 0 {
+        println!("logs: {}", state_dir.join("logs").display());
+        if args.keep.is_none() && !args.hold {
+            println!("(rerun with --keep DIR to inspect the roots and logs)");
+        }
+    }
+
+    if args.hold {
+        println!("cluster is running; Ctrl-C or SIGTERM stops it.");
+        println!(
+            "  master  socket {}",
+            cluster.socket(cd_testkit::cluster::MASTER)?.display()
+        );
+        for n in cluster.nodes() {
+            println!(
+                "  {n:<7} root {}  socket {}",
+                cluster.root(&n)?.display(),
+                cluster.socket(&n)?.display()
+            );
+        }
+        println!(
+            "try: {} --socket {} status",
+            cdctl.display(),
+            cluster.socket(cd_testkit::cluster::MASTER)?.display()
+        );
+        let sig = cd_testkit::wait_for_termination_signal().context("waiting for a signal")?;
+        println!("signal {sig}: stopping the cluster");
+    }
+    drop(cluster);
+    if let Some(keep) = &args.keep {
+        println!(
+            "roots kept at {}/<node>/, daemon state and logs at {}",
+            keep.display(),
+            state_dir.display()
+        );
+    }
+    ensure!(
+        failed_syncs == 0,
+        "{failed_syncs} sync job(s) reported failed targets"
+    );
+    ensure!(
+        differences.is_empty(),
+        "{} replica check(s) found differences",
+        differences.len()
+    );
+    println!("demo ok: every replica is identical to the source");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn demo_args_parse() {
+        let a = DemoArgs::parse(&args(&["--keep", "/x", "--hold", "--nodes", "5"])).unwrap();
+        assert_eq!(a.keep.as_deref(), Some(Path::new("/x")));
+        assert!(a.hold);
+        assert_eq!((a.targets, a.files), (5, 3000));
+        assert!(DemoArgs::parse(&args(&["--nodes"])).is_err());
+        assert!(DemoArgs::parse(&args(&["--nodes", "0"])).is_err());
+        assert!(DemoArgs::parse(&args(&["--files", "x"])).is_err());
+        assert!(DemoArgs::parse(&args(&["--frobnicate"])).is_err());
+    }
+
+    #[test]
+    fn unknown_test_phase_is_refused() {
+        let err = test(&args(&["lint"])).unwrap_err();
+        assert!(format!("{err}").contains("unknown phase `lint`"), "{err}");
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
+}
