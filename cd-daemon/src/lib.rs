@@ -17,6 +17,7 @@ pub mod net;
 pub mod node;
 pub mod pki;
 pub mod transfer;
+pub mod watch;
 
 use std::sync::Arc;
 
