@@ -520,5 +520,8 @@ fn directory_replaced_by_file_after_its_content_moved_out() {
     std::fs::remove_dir(t.a("d")).unwrap();
     write(&t.a("d"), b"now a file");
     let (p, _) = t.sync("directory replaced by a file after its content moved out");
-    assert_eq!(p.stats.reused_local, 1, "the moved file is reused, not re-sent");
+    assert_eq!(
+        p.stats.reused_local, 1,
+        "the moved file is reused, not re-sent"
+    );
 }
