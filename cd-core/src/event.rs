@@ -38,7 +38,8 @@ pub enum EventKind {
     Rmdir,
     /// `path` was renamed to `path2` (both inside the root). A rename into the root
     /// from outside arrives as `Create` (or `Mkdir`) of the new path; a rename out of
-    /// the root as `Unlink` (or `Rmdir`) of the old one.
+    /// the root as `Unlink` (or `Rmdir`) of the old one. A directory renamed in brings
+    /// contents no event described: report `Mkdir` followed by `Lost` of it.
     Rename,
     /// Events were lost (ring buffer full, queue overflow, sequence gap): rescan
     /// `path` (or the whole root when `path` is `None`).

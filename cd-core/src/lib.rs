@@ -15,13 +15,19 @@
 //!   rename in dependency order; content the replica already holds is moved or copied
 //!   locally instead of re-sent).
 //! - [`event`]: one file-system change as a capture backend decodes it.
+//! - [`coalesce`]: the per-path state machine that turns events into ready, safely
+//!   ordered batches of path changes (close-after-write, debounce, rename pairing).
+//! - [`filter`]: per content set include/exclude patterns and the command mask
+//!   (create/update/delete/move/erase), for incremental changes and full reconciles.
 //! - [`changeset`]: a numbered batch of changes from one origin; the carrier that both
 //!   manual sync (a full manifest) and real-time capture (incremental operations) feed.
 
 #![forbid(unsafe_code)]
 
 pub mod changeset;
+pub mod coalesce;
 pub mod event;
+pub mod filter;
 pub mod manifest;
 pub mod path;
 pub mod plan;
