@@ -49,6 +49,15 @@ pub enum ConvertError {
     SymlinkNul { path: RelPath },
     #[error("hash is {len} bytes, expected 32")]
     HashLen { len: usize },
+    #[error("change has no operation")]
+    EmptyChange,
+    #[error("change field `{field}` {path:?} is invalid: {reason}")]
+    ChangePath {
+        field: &'static str,
+        /// The path as received, lossily decoded and truncated for display.
+        path: String,
+        reason: PathError,
+    },
 }
 
 /// A BLAKE3 hash from its wire form, which must be exactly 32 bytes.
@@ -583,5 +592,94 @@ mod tests {
                 prop_assert_eq!(pb::Entry::from(&e), w);
             }
         }
+    }
+}
+
+fn change_path(field: &'static str, b: Vec<u8>) -> Result<RelPath, ConvertError> {
+    let shown = lossy(&b);
+    RelPath::new(b).map_err(|reason| ConvertError::ChangePath {
+        field,
+        path: shown,
+        reason,
+    })
+}
+
+impl TryFrom<pb::Change> for cd_core::changeset::Change {
+    type Error = ConvertError;
+
+    fn try_from(c: pb::Change) -> Result<Self, Self::Error> {
+        use cd_core::changeset::Change;
+        match c.op.ok_or(ConvertError::EmptyChange)? {
+            pb::change::Op::Upsert(e) => Ok(Change::Upsert(Entry::try_from(e)?)),
+            pb::change::Op::Remove(p) => Ok(Change::Remove(change_path("remove", p)?)),
+            pb::change::Op::Rename(r) => Ok(Change::Rename {
+                from: change_path("rename.from", r.from)?,
+                to: change_path("rename.to", r.to)?,
+            }),
+        }
+    }
+}
+
+impl From<&cd_core::changeset::Change> for pb::Change {
+    fn from(c: &cd_core::changeset::Change) -> Self {
+        use cd_core::changeset::Change;
+        let op = match c {
+            Change::Upsert(e) => pb::change::Op::Upsert(pb::Entry::from(e)),
+            Change::Remove(p) => pb::change::Op::Remove(p.as_bytes().to_vec()),
+            Change::Rename { from, to } => pb::change::Op::Rename(pb::Rename {
+                from: from.as_bytes().to_vec(),
+                to: to.as_bytes().to_vec(),
+            }),
+        };
+        pb::Change { op: Some(op) }
+    }
+}
+
+#[cfg(test)]
+mod change_tests {
+    use cd_core::changeset::Change;
+
+    use super::*;
+
+    #[test]
+    fn changes_round_trip_and_refuse_hostile_paths() {
+        let p = |s: &str| RelPath::new(s).unwrap();
+        for c in [
+            Change::Remove(p("a/b")),
+            Change::Rename {
+                from: p("x"),
+                to: p("y/z"),
+            },
+        ] {
+            assert_eq!(Change::try_from(pb::Change::from(&c)).unwrap(), c);
+        }
+        let evil = pb::Change {
+            op: Some(pb::change::Op::Rename(pb::Rename {
+                from: b"a".to_vec(),
+                to: b"../etc".to_vec(),
+            })),
+        };
+        assert!(matches!(
+            Change::try_from(evil),
+            Err(ConvertError::ChangePath {
+                field: "rename.to",
+                reason: PathError::DotDot,
+                ..
+            })
+        ));
+        assert_eq!(
+            Change::try_from(pb::Change { op: None }),
+            Err(ConvertError::EmptyChange)
+        );
+        let abs = pb::Change {
+            op: Some(pb::change::Op::Remove(b"/etc/passwd".to_vec())),
+        };
+        assert!(matches!(
+            Change::try_from(abs),
+            Err(ConvertError::ChangePath {
+                reason: PathError::Absolute,
+                ..
+            })
+        ));
     }
 }
