@@ -1247,18 +1247,18 @@ mod tests {
         assert_eq!(plan.stats.removed, 4);
     }
 
-    /// `cargo test --release -p cd-core -- --ignored plans_a_million`.
+    /// A large tree plans correctly: renames become local reuse, rewrites fetches.
+    /// (Planner throughput is measured in `bench/`, not asserted here.)
     #[test]
-    #[ignore = "a timing check; meaningful only in release mode"]
-    fn plans_a_million_entries_quickly() {
+    fn plans_a_large_tree() {
         let hash = |i: u32| -> Hash {
             let mut x = [0; 32];
             x[..4].copy_from_slice(&i.to_le_bytes());
             x
         };
         let tree = |shift: u32| {
-            let mut v = Vec::with_capacity(1_001_000);
-            for d in 0..1000u32 {
+            let mut v = Vec::with_capacity(101_000);
+            for d in 0..100u32 {
                 v.push(dir(&format!("dir{d}")));
                 for f in 0..1000u32 {
                     let i = d * 1000 + f;
@@ -1282,29 +1282,12 @@ mod tests {
             Manifest::from_entries(v).unwrap()
         };
         let (local, desired) = (tree(0), tree(5));
-        let t = std::time::Instant::now();
         let plan = run(&desired, &local);
-        let took = t.elapsed();
-        eprintln!(
-            "planned {} entries in {took:?}: {:?}",
-            desired.len(),
-            plan.stats
-        );
-        assert_eq!(plan.stats.placed_files, 200_000);
-        assert_eq!(plan.stats.fetch_files, 100_000);
-        assert_eq!(plan.stats.reused_local, 100_000);
-        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
-
-        // Worst case: everything is new.
-        let t = std::time::Instant::now();
+        assert_eq!(plan.stats.placed_files, 20_000);
+        assert_eq!(plan.stats.fetch_files, 10_000);
+        assert_eq!(plan.stats.reused_local, 10_000);
+        // Everything new: every file placed, once.
         let plan = run(&desired, &Manifest::new());
-        let took = t.elapsed();
-        eprintln!(
-            "planned {} new entries in {took:?}: {:?}",
-            desired.len(),
-            plan.stats
-        );
-        assert_eq!(plan.stats.placed_files, 1_000_000);
-        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+        assert_eq!(plan.stats.placed_files, 100_000);
     }
 }
