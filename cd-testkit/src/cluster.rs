@@ -56,6 +56,10 @@ pub struct ClusterSpec {
     pub zstd_level: Option<i32>,
     /// `max_rate_bytes_per_sec` of the content set (0 = unlimited).
     pub max_rate: u64,
+    /// `mode` of the content set (`"manual"` or `"realtime"`); `None` = daemon default.
+    pub mode: Option<&'static str>,
+    /// `capture` of every node (`"auto"`, `"ebpf"`, `"fanotify"`); `None` = default.
+    pub capture: Option<&'static str>,
     /// How long to wait for a daemon to come up or a node to (re)connect.
     pub startup_timeout: Duration,
     /// How long a `cdctl sync` may take before it is killed and reported.
@@ -74,6 +78,8 @@ impl ClusterSpec {
             cdctl: cdctl.to_path_buf(),
             zstd_level: None,
             max_rate: 0,
+            mode: None,
+            capture: None,
             startup_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(300),
         }
@@ -407,6 +413,9 @@ impl Cluster {
         if let Some(z) = cluster.spec.zstd_level {
             let _ = writeln!(cfg, "zstd_level = {z}");
         }
+        if let Some(m) = cluster.spec.mode {
+            let _ = writeln!(cfg, "mode = {}", toml_str(m));
+        }
         cluster.add_daemon(MASTER, &cfg, None)?;
         cluster.spawn(MASTER)?;
         cluster.wait_socket(MASTER)?;
@@ -429,6 +438,11 @@ impl Cluster {
                 toml_str(CONTENT_SET),
                 toml_path(&root)?
             );
+            if let Some(c) = cluster.spec.capture {
+                // A key of [node]: insert it before the content-set table.
+                let at = cfg.find("\n[[node.content_sets]]").unwrap_or(cfg.len());
+                cfg.insert_str(at, &format!("capture = {}\n", toml_str(c)));
+            }
             cluster.add_daemon(&name, &cfg, Some(root))?;
             cluster.spawn(&name)?;
         }

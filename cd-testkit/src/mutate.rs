@@ -343,7 +343,10 @@ pub fn mutate(root: &Path, spec: &MutateSpec) -> Result<MutationCounts> {
         let parent = pick(&mut rng, &parents, 1).pop().unwrap_or_default();
         let mut name = std::ffi::OsString::from(format!("moved-{k}-"));
         name.push(d.file_name().unwrap_or_default());
-        if fs::symlink_metadata(abs(&d)).is_ok() {
+        // Both were listed before the earlier moves of this loop: either may have moved.
+        let parent_there = parent.as_os_str().is_empty()
+            || fs::symlink_metadata(abs(&parent)).is_ok_and(|m| m.is_dir());
+        if fs::symlink_metadata(abs(&d)).is_ok() && parent_there {
             fs::rename(abs(&d), abs(&parent.join(name)))
                 .with_context(|| format!("renaming directory {}", d.display()))?;
             c.renamed_dirs += 1;
