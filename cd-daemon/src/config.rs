@@ -59,6 +59,27 @@ pub struct MasterContentSet {
     pub zstd_level: i32,
     /// 0 = unlimited.
     pub max_rate_bytes_per_sec: u64,
+    pub mode: SyncMode,
+}
+
+/// When a content set is distributed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Only on `cdctl sync`.
+    Manual,
+    /// Changes are captured in the kernel and shipped as they happen (plus `cdctl sync`).
+    Realtime,
+}
+
+/// Which kernel capture backend a node uses for its real-time content sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureChoice {
+    /// eBPF where the kernel loads the programs, else fanotify (the reason is reported).
+    Auto,
+    Ebpf,
+    Fanotify,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +89,11 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     pub join_token: Option<String>,
     pub content_sets: Vec<NodeContentSet>,
+    pub capture: CaptureChoice,
+    /// Quiet time after a path's last event before it ships (0 = as soon as ready).
+    pub debounce_ms: u64,
+    /// Size of the eBPF ring buffer (the File Detect Buffer).
+    pub ring_buffer_mib: u32,
 }
 
 /// A content set as a node sees it: where its root is on this machine.
@@ -121,6 +147,7 @@ struct RawMasterSet {
     targets: Spanned<Vec<Spanned<String>>>,
     zstd_level: Option<Spanned<i64>>,
     max_rate_bytes_per_sec: Option<Spanned<i64>>,
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +158,9 @@ struct RawNode {
     listen: Spanned<String>,
     join_token: Option<Spanned<String>>,
     join_token_file: Option<Spanned<PathBuf>>,
+    capture: Option<Spanned<String>>,
+    debounce_ms: Option<Spanned<i64>>,
+    ring_buffer_mib: Option<Spanned<i64>>,
     #[serde(default)]
     content_sets: Vec<RawNodeSet>,
 }
@@ -248,6 +278,16 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         return Err(err(r.span(), "max_rate_bytes_per_sec must be >= 0".into()));
                     }
                 };
+                let mode = match s.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None | Some(("manual", _)) => SyncMode::Manual,
+                    Some(("realtime", _)) => SyncMode::Realtime,
+                    Some((other, span)) => {
+                        return Err(err(
+                            span,
+                            format!("mode `{other}` is not one of manual, realtime"),
+                        ));
+                    }
+                };
                 sets.push(MasterContentSet {
                     name: s.name.get_ref().clone(),
                     source: s.source.get_ref().clone(),
@@ -259,6 +299,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         .collect(),
                     zstd_level,
                     max_rate_bytes_per_sec,
+                    mode,
                 });
             }
             Some(MasterConfig {
@@ -324,12 +365,54 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     root,
                 });
             }
+            let capture = match n.capture.as_ref().map(|c| (c.get_ref().as_str(), c.span())) {
+                None | Some(("auto", _)) => CaptureChoice::Auto,
+                Some(("ebpf", _)) => CaptureChoice::Ebpf,
+                Some(("fanotify", _)) => CaptureChoice::Fanotify,
+                Some((other, span)) => {
+                    return Err(err(
+                        span,
+                        format!("capture `{other}` is not one of auto, ebpf, fanotify"),
+                    ));
+                }
+            };
+            let debounce_ms = match &n.debounce_ms {
+                None => 0,
+                Some(d) if (0..=600_000).contains(d.get_ref()) => *d.get_ref() as u64,
+                Some(d) => {
+                    return Err(err(
+                        d.span(),
+                        format!("debounce_ms {} is out of range 0..=600000", d.get_ref()),
+                    ));
+                }
+            };
+            let ring_buffer_mib = match &n.ring_buffer_mib {
+                None => 32,
+                Some(r)
+                    if (1..=1024).contains(r.get_ref())
+                        && (*r.get_ref() as u64).is_power_of_two() =>
+                {
+                    *r.get_ref() as u32
+                }
+                Some(r) => {
+                    return Err(err(
+                        r.span(),
+                        format!(
+                            "ring_buffer_mib {} must be a power of two in 1..=1024",
+                            r.get_ref()
+                        ),
+                    ));
+                }
+            };
             Some(NodeConfig {
                 master_addr: n.master_addr.get_ref().clone(),
                 master_name: n.master_name.get_ref().clone(),
                 listen,
                 join_token,
                 content_sets: sets,
+                capture,
+                debounce_ms,
+                ring_buffer_mib,
             })
         }
     };
@@ -536,6 +619,33 @@ root = "/srv/www"
     }
 
     #[test]
+    fn realtime_options_are_validated() {
+        let c = p(&GOOD.replace(
+            "join_token = \"cdj1.x\"",
+            "join_token = \"cdj1.x\"\ncapture = \"fanotify\"\ndebounce_ms = 50",
+        ))
+        .unwrap();
+        let n = c.node.unwrap();
+        assert_eq!(
+            (n.capture, n.debounce_ms, n.ring_buffer_mib),
+            (CaptureChoice::Fanotify, 50, 32)
+        );
+        for (extra, why) in [
+            ("capture = \"inotify\"", "not one of auto, ebpf, fanotify"),
+            ("ring_buffer_mib = 3", "power of two"),
+            ("debounce_ms = -1", "out of range"),
+        ] {
+            let e = p(&GOOD.replace(
+                "join_token = \"cdj1.x\"",
+                &format!("join_token = \"cdj1.x\"\n{extra}"),
+            ))
+            .unwrap_err();
+            assert_eq!(e.line, 10, "{e}");
+            assert!(e.reason.contains(why), "{e}");
+        }
+    }
+
+    #[test]
     fn master_set_validation() {
         let base = r#"
 name = "master"
@@ -550,6 +660,10 @@ targets = ["node2", "node3"]
 "#;
         let c = p(base).unwrap();
         assert_eq!(c.master.unwrap().content_sets[0].zstd_level, 3);
+        let e = p(&format!("{base}mode = \"sometimes\"\n")).unwrap_err();
+        assert!(e.reason.contains("not one of manual, realtime"), "{e}");
+        let c = p(&format!("{base}mode = \"realtime\"\n")).unwrap();
+        assert_eq!(c.master.unwrap().content_sets[0].mode, SyncMode::Realtime);
         let e = p(&format!("{base}zstd_level = 99\n")).unwrap_err();
         assert_eq!(e.line, 11);
         assert!(e.reason.contains("out of range"), "{e}");

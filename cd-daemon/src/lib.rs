@@ -16,6 +16,7 @@ pub mod master;
 pub mod net;
 pub mod node;
 pub mod pki;
+pub mod realtime;
 pub mod transfer;
 pub mod watch;
 

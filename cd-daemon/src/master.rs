@@ -135,7 +135,7 @@ impl Master {
             .iter()
             .map(|s| {
                 let last = st.history.iter().rev().find(|r| r.content_set == s.name).map(report_json);
-                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "last_job": last})
+                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "last_job": last})
             })
             .collect();
         serde_json::json!({ "listen": self.listen.to_string(), "nodes": nodes, "content_sets": sets })
@@ -247,6 +247,7 @@ impl Master {
                 zstd_level: s.zstd_level,
                 source: s.source.clone(),
                 max_rate_bytes_per_sec: s.max_rate_bytes_per_sec,
+                realtime: s.mode == crate::config::SyncMode::Realtime,
             })
             .collect();
         pb::Assignment { content_sets }

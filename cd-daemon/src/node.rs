@@ -29,7 +29,8 @@ use crate::config::{Config, NodeConfig};
 use crate::fs;
 use crate::net::{self, NetError};
 use crate::pki::{self, Identity};
-use crate::transfer::{self, Outgoing, ReceiveContext};
+use crate::realtime::{self, CaptureService};
+use crate::transfer::{self, OutBody, Outgoing, ReceiveContext, ReplicaState};
 
 /// Rounds a job may take when files keep changing under it.
 const MAX_ROUNDS: u32 = 3;
@@ -53,7 +54,14 @@ struct SetState {
     root: PathBuf,
     assignment: Mutex<Option<pb::ContentSetAssignment>>,
     last_sync: Mutex<Option<LastSync>>,
+    /// One job or transfer at a time per content set.
     busy: tokio::sync::Mutex<()>,
+    /// As a replica: the tree and sequence number last applied.
+    replica: Mutex<ReplicaState>,
+    /// As a source: per target, the last change set it applied completely.
+    sent: Mutex<BTreeMap<String, u64>>,
+    /// As a source: the real-time task, once started.
+    realtime: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -68,6 +76,8 @@ pub struct Node {
     master_tx: Mutex<Option<mpsc::Sender<Msg>>>,
     errors: Mutex<Vec<String>>,
     owner: bool,
+    /// Kernel change capture, started with the first real-time content set.
+    capture: Mutex<Option<Arc<CaptureService>>>,
 }
 
 pub fn now_unix() -> i64 {
@@ -100,6 +110,11 @@ impl Node {
                         assignment: Mutex::new(None),
                         last_sync: Mutex::new(None),
                         busy: tokio::sync::Mutex::new(()),
+                        replica: Mutex::new(ReplicaState::load(
+                            &cfg.state_dir.join(format!("applied-{}", s.name)),
+                        )),
+                        sent: Mutex::new(BTreeMap::new()),
+                        realtime: Mutex::new(None),
                     },
                 )
             })
@@ -115,6 +130,7 @@ impl Node {
             master_tx: Mutex::new(None),
             errors: Mutex::new(Vec::new()),
             owner: rustix::process::geteuid().is_root(),
+            capture: Mutex::new(None),
         });
         tracing::info!(node = %node.name, data_addr = %data_addr, "node started");
         tokio::spawn(
@@ -142,12 +158,17 @@ impl Node {
         self.state_dir.join(format!("seq-{set}"))
     }
 
-    fn next_seq(&self, set: &str) -> u64 {
-        let p = self.seq_path(set);
-        let cur: u64 = std::fs::read_to_string(&p)
+    /// The last sequence number used for `set` (0 before the first change set).
+    fn current_seq(&self, set: &str) -> u64 {
+        std::fs::read_to_string(self.seq_path(set))
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+            .unwrap_or(0)
+    }
+
+    fn next_seq(&self, set: &str) -> u64 {
+        let p = self.seq_path(set);
+        let cur = self.current_seq(set);
         let next = cur + 1;
         let tmp = p.with_extension("tmp");
         if std::fs::write(&tmp, next.to_string())
@@ -181,6 +202,7 @@ impl Node {
                     "source": a.as_ref().map(|a| a.source.clone()),
                     "targets": a.as_ref().map(|a| a.targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
                     "last_sync": *s.last_sync.lock().unwrap(),
+                    "realtime": s.realtime.lock().unwrap().as_ref().is_some_and(|h| !h.is_finished()),
                 })
             })
             .collect();
@@ -190,6 +212,7 @@ impl Node {
             "data_addr": self.data_addr.to_string(),
             "content_sets": sets,
             "errors": *self.errors.lock().unwrap(),
+            "capture": self.capture.lock().unwrap().as_ref().map(|c| c.status()),
         })
     }
 
@@ -273,18 +296,260 @@ impl Node {
         result
     }
 
-    fn apply_assignment(&self, a: pb::Assignment) {
+    fn apply_assignment(self: &Arc<Self>, a: pb::Assignment) {
         for set in a.content_sets {
-            match self.sets.get(&set.name) {
-                Some(s) => {
-                    tracing::info!(content_set = %set.name, is_source = set.is_source, targets = set.targets.len(), "assignment");
-                    *s.assignment.lock().unwrap() = Some(set);
+            let Some(s) = self.sets.get(&set.name) else {
+                tracing::warn!(content_set = %set.name, "master assigned a content set this node has no root for");
+                continue;
+            };
+            tracing::info!(content_set = %set.name, is_source = set.is_source, realtime = set.realtime, targets = set.targets.len(), "assignment");
+            let before = s.assignment.lock().unwrap().replace(set.clone());
+            if !(set.is_source && set.realtime) {
+                continue;
+            }
+            let running = s
+                .realtime
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|h| !h.is_finished());
+            if !running {
+                self.start_realtime(&set.name);
+                continue;
+            }
+            // A target that just (re)connected catches up at once: the full tree as the
+            // current change set, so the stream continues from there.
+            let was: Vec<(String, String)> = before
+                .map(|b| {
+                    b.targets
+                        .into_iter()
+                        .map(|t| (t.name, t.data_addr))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let back: Vec<String> = set
+                .targets
+                .iter()
+                .filter(|t| {
+                    !t.data_addr.is_empty() && !was.contains(&(t.name.clone(), t.data_addr.clone()))
+                })
+                .map(|t| t.name.clone())
+                .collect();
+            if !back.is_empty() {
+                let node = self.clone();
+                let name = set.name.clone();
+                tokio::spawn(async move { node.catch_up(&name, back).await });
+            }
+        }
+    }
+
+    fn start_realtime(self: &Arc<Self>, set: &str) {
+        let Some(s) = self.sets.get(set) else { return };
+        let capture = {
+            let mut c = self.capture.lock().unwrap();
+            if c.is_none() {
+                match CaptureService::start(self.cfg.capture, self.cfg.ring_buffer_mib) {
+                    Ok(svc) => *c = Some(svc),
+                    Err(e) => {
+                        let msg = format!("real-time capture unavailable: {e:#}");
+                        tracing::error!(content_set = set, error = %msg, "cannot start real-time distribution");
+                        self.note_error(msg);
+                        return;
+                    }
                 }
-                None => {
-                    tracing::warn!(content_set = %set.name, "master assigned a content set this node has no root for")
+            }
+            c.clone().expect("set above")
+        };
+        // Root ids start at 1 (the eBPF side reserves 0).
+        let root_id = self.sets.keys().position(|k| k == set).unwrap_or(0) as u32 + 1;
+        let (rx, overflowed) = match capture.watch(root_id, &s.root) {
+            Ok(x) => x,
+            Err(e) => {
+                let msg = format!("cannot watch {}: {e:#}", s.root.display());
+                tracing::error!(content_set = set, error = %msg, "cannot start real-time distribution");
+                self.note_error(msg);
+                return;
+            }
+        };
+        let node = self.clone();
+        let name = set.to_owned();
+        let handle = tokio::spawn(async move { node.realtime_loop(name, rx, overflowed).await });
+        *s.realtime.lock().unwrap() = Some(handle);
+    }
+
+    async fn catch_up(self: &Arc<Self>, set: &str, targets: Vec<String>) {
+        let Some(state) = self.sets.get(set) else {
+            return;
+        };
+        let _busy = state.busy.lock().await;
+        let seq = self.current_seq(set);
+        let mut report = pb::JobReport::default();
+        tracing::info!(content_set = set, targets = ?targets, seq, "catching up reconnected targets");
+        if let Err(e) = self
+            .full_rounds(set, 0, seq, Some(&targets), &mut report)
+            .await
+        {
+            tracing::warn!(content_set = set, error = %format!("{e:#}"), "catch-up failed");
+        }
+    }
+
+    /// The real-time loop of one source content set. It waits on events and on the
+    /// coalescer's next deadline only; nothing else wakes it.
+    async fn realtime_loop(
+        self: Arc<Self>,
+        set: String,
+        mut rx: mpsc::Receiver<Vec<cd_core::event::FsEvent>>,
+        overflowed: Arc<AtomicBool>,
+    ) {
+        let Some(state) = self.sets.get(&set) else {
+            return;
+        };
+        let epoch = Instant::now();
+        let now_ms = || epoch.elapsed().as_millis() as u64;
+        let mut co = realtime::coalescer(self.cfg.debounce_ms);
+        let index_path = self.index_path(&set);
+        let mut index = fs::HashIndex::load(&index_path);
+        // Start the stream from a known state: the whole tree, once.
+        co.handle_event(realtime::lost_root(), now_ms());
+        loop {
+            let deadline = co.poll_timeout().map(|t| epoch + Duration::from_millis(t));
+            tokio::select! {
+                evs = rx.recv() => match evs {
+                    Some(evs) => for e in evs { co.handle_event(e, now_ms()) },
+                    None => return,
+                },
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {}
+            }
+            while let Ok(evs) = rx.try_recv() {
+                for e in evs {
+                    co.handle_event(e, now_ms());
+                }
+            }
+            if overflowed.swap(false, Ordering::Relaxed) {
+                tracing::warn!(content_set = %set, "event queue overflowed; rescanning");
+                co.handle_event(realtime::lost_root(), now_ms());
+            }
+            while let Some(batch) = co.poll_batch(now_ms()) {
+                let t0 = Instant::now();
+                let r = self.ship_batch(&set, state, &batch, &mut index).await;
+                let (ok, error) = match &r {
+                    Ok(()) => (true, None),
+                    Err(e) => {
+                        tracing::warn!(content_set = %set, error = %format!("{e:#}"), "real-time batch failed");
+                        (false, Some(format!("{e:#}")))
+                    }
+                };
+                *state.last_sync.lock().unwrap() = Some(LastSync {
+                    job_id: 0,
+                    at_unix: now_unix(),
+                    ok,
+                    error,
+                    side: "source",
+                    files: batch.changes.len() as u64,
+                    bytes: 0,
+                    duration_ms: t0.elapsed().as_millis() as u64,
+                });
+            }
+            if let Err(e) = tokio::task::block_in_place(|| index.save(&index_path)) {
+                tracing::warn!(error = %e, "could not save the hash index");
+            }
+        }
+    }
+
+    /// Ships one coalesced batch as change set `seq` to every connected target.
+    async fn ship_batch(
+        self: &Arc<Self>,
+        set: &str,
+        state: &SetState,
+        batch: &cd_core::coalesce::Batch,
+        index: &mut fs::HashIndex,
+    ) -> anyhow::Result<()> {
+        let assignment = state
+            .assignment
+            .lock()
+            .unwrap()
+            .clone()
+            .context("no assignment")?;
+        let root = Arc::new(tokio::task::block_in_place(|| fs::Root::open(&state.root))?);
+        let resolved = tokio::task::block_in_place(|| realtime::resolve(&root, index, batch))?;
+        let _busy = state.busy.lock().await;
+        let seq = self.next_seq(set);
+        let connected: Vec<String> = assignment
+            .targets
+            .iter()
+            .filter(|t| !t.data_addr.is_empty())
+            .map(|t| t.name.clone())
+            .collect();
+        let mut report = pb::JobReport::default();
+        if resolved.full {
+            tracing::info!(
+                content_set = set,
+                seq,
+                "real-time batch needs a full reconcile"
+            );
+            return self
+                .full_rounds(set, 0, seq, Some(&connected), &mut report)
+                .await;
+        }
+        if resolved.changes.is_empty() {
+            // Nothing to send (e.g. a file created and removed before shipping), but
+            // the sequence moved on: replicas must move with it.
+            tracing::debug!(content_set = set, seq, "empty batch");
+        }
+        let out = Arc::new(Outgoing {
+            content_set: set.to_owned(),
+            origin: self.name.clone(),
+            seq,
+            job_id: 0,
+            body: OutBody::Incremental {
+                base_seq: seq - 1,
+                changes: Arc::new(resolved.changes),
+            },
+            root,
+            zstd_level: assignment.zstd_level,
+            max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for peer in assignment
+            .targets
+            .iter()
+            .filter(|t| !t.data_addr.is_empty())
+            .cloned()
+        {
+            let node = self.clone();
+            let out = out.clone();
+            tasks.spawn(async move {
+                let r = node.send_to(&peer, &out).await;
+                (peer, r)
+            });
+        }
+        let mut fallback = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (peer, r) = joined.context("transfer task panicked")?;
+            match r {
+                Ok(st)
+                    if st.apply.ok
+                        && !st.need_full
+                        && st.changed_since_scan == 0
+                        && st.apply.skipped == 0 =>
+                {
+                    state.sent.lock().unwrap().insert(peer.name.clone(), seq);
+                }
+                Ok(st) => {
+                    tracing::info!(target = %peer.name, need_full = st.need_full, changed = st.changed_since_scan, error = %st.apply.error, "target gets the full tree");
+                    fallback.push(peer.name);
+                }
+                Err(e) => {
+                    tracing::warn!(target = %peer.name, error = %format!("{e:#}"), "real-time transfer failed; full tree next");
+                    fallback.push(peer.name);
                 }
             }
         }
+        if !fallback.is_empty() {
+            self.full_rounds(set, 0, seq, Some(&fallback), &mut report)
+                .await?;
+        }
+        Ok(())
     }
 
     // ---- source side ------------------------------------------------------------
@@ -341,6 +606,26 @@ impl Node {
             .sets
             .get(set)
             .with_context(|| format!("this node has no content set `{set}`"))?;
+        let _busy = state.busy.lock().await;
+        let seq = self.next_seq(set);
+        self.full_rounds(set, job_id, seq, None, report).await
+    }
+
+    /// Sends the whole tree (scanned now) as change set `seq` to every target, or to
+    /// `only` those; repeated while files change under it. The caller holds the set's
+    /// `busy` lock.
+    async fn full_rounds(
+        self: &Arc<Self>,
+        set: &str,
+        job_id: u64,
+        seq: u64,
+        only: Option<&[String]>,
+        report: &mut pb::JobReport,
+    ) -> anyhow::Result<()> {
+        let state = self
+            .sets
+            .get(set)
+            .with_context(|| format!("this node has no content set `{set}`"))?;
         let assignment = state.assignment.lock().unwrap().clone();
         let Some(assignment) = assignment else {
             bail!("no assignment from the master yet for `{set}`")
@@ -351,10 +636,14 @@ impl Node {
                 assignment.source
             );
         }
-        let _busy = state.busy.lock().await;
         let root_path = state.root.clone();
         let index_path = self.index_path(set);
-        let mut pending: Vec<pb::Peer> = assignment.targets.clone();
+        let mut pending: Vec<pb::Peer> = assignment
+            .targets
+            .iter()
+            .filter(|t| only.is_none_or(|o| o.contains(&t.name)))
+            .cloned()
+            .collect();
         let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
         for round in 1..=MAX_ROUNDS {
             let t0 = Instant::now();
@@ -374,14 +663,13 @@ impl Node {
             })?;
             report.scan_ms += t0.elapsed().as_millis() as u64;
             report.source_entries = manifest.len() as u64;
-            let seq = self.next_seq(set);
             report.seq = seq;
             let out = Arc::new(Outgoing {
                 content_set: set.to_owned(),
                 origin: self.name.clone(),
                 seq,
                 job_id,
-                manifest: Arc::new(manifest),
+                body: OutBody::Full(Arc::new(manifest)),
                 root: Arc::new(root),
                 zstd_level: assignment.zstd_level,
                 max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
@@ -416,6 +704,9 @@ impl Node {
                         entry.meta_only += st.apply.meta_only;
                         entry.ok = st.apply.ok;
                         entry.error = st.apply.error.clone();
+                        if st.apply.ok && st.changed_since_scan == 0 && st.apply.skipped == 0 {
+                            state.sent.lock().unwrap().insert(peer.name.clone(), seq);
+                        }
                         if st.apply.ok && (st.changed_since_scan > 0 || st.apply.skipped > 0) {
                             if round < MAX_ROUNDS {
                                 tracing::info!(target = %peer.name, changed = st.changed_since_scan, "files changed during the job; another round");
@@ -543,9 +834,19 @@ impl Node {
         let ctx = ReceiveContext {
             root: state.root.clone(),
             index_path: self.index_path(&begin.content_set),
+            state_path: self
+                .state_dir
+                .join(format!("applied-{}", begin.content_set)),
             owner: self.owner,
         };
-        let r = transfer::receive(&mut conn, &begin, &ctx).await;
+        // Held by this transfer alone (the busy lock): take it out of the mutex so no
+        // guard lives across an await; a failed transfer leaves nothing to build on.
+        let mut replica = std::mem::take(&mut *state.replica.lock().unwrap());
+        let r = transfer::receive(&mut conn, &begin, &ctx, &mut replica).await;
+        if r.is_err() {
+            replica.local = None;
+        }
+        *state.replica.lock().unwrap() = replica;
         let (ok, error, files, bytes) = match &r {
             Ok(s) => (
                 s.apply.ok,

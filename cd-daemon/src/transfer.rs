@@ -20,7 +20,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cd_core::manifest::{Entry, Manifest};
+use cd_core::changeset::{Change, ChangeBody, ChangeSet};
+use cd_core::manifest::{Entry, Hash, Manifest};
+use cd_core::path::RelPath;
 use cd_core::plan::{Plan, PlanOptions};
 use cd_proto::pb::{self, envelope::Msg};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -58,10 +60,35 @@ pub struct Outgoing {
     pub origin: String,
     pub seq: u64,
     pub job_id: u64,
-    pub manifest: Arc<Manifest>,
+    pub body: OutBody,
     pub root: Arc<Root>,
     pub zstd_level: i32,
     pub max_rate_bytes_per_sec: u64,
+}
+
+/// What a transfer carries.
+#[derive(Debug, Clone)]
+pub enum OutBody {
+    /// The whole tree: the replica reconciles against its own scan.
+    Full(Arc<Manifest>),
+    /// Changes on top of change set `base_seq`, which the replica must hold.
+    Incremental {
+        base_seq: u64,
+        changes: Arc<Vec<Change>>,
+    },
+}
+
+impl OutBody {
+    /// The content hash the source announced for `path`, if any.
+    fn announced(&self, path: &RelPath) -> Option<Hash> {
+        match self {
+            OutBody::Full(m) => m.get(path).and_then(Entry::hash).copied(),
+            OutBody::Incremental { changes, .. } => changes.iter().rev().find_map(|c| match c {
+                Change::Upsert(e) if &e.path == path => e.hash().copied(),
+                _ => None,
+            }),
+        }
+    }
 }
 
 /// Source-side counters for one target.
@@ -75,6 +102,8 @@ pub struct SendStats {
     /// Files whose content no longer matched the manifest: another round is needed.
     pub changed_since_scan: u64,
     pub apply: pb::ApplyResult,
+    /// The replica could not apply an incremental body: send it a full manifest.
+    pub need_full: bool,
 }
 
 /// Runs the source side over an established, `Hello`-ed connection.
@@ -83,38 +112,34 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     out: &Outgoing,
 ) -> Result<SendStats, TransferError> {
     let mut st = SendStats::default();
+    let (full, count, base_seq) = match &out.body {
+        OutBody::Full(m) => (true, m.len() as u64, 0),
+        OutBody::Incremental { base_seq, changes } => (false, changes.len() as u64, *base_seq),
+    };
     conn.send(Msg::TransferBegin(pb::TransferBegin {
         content_set: out.content_set.clone(),
         origin: out.origin.clone(),
         seq: out.seq,
         job_id: out.job_id,
-        full: true,
-        entry_count: out.manifest.len() as u64,
+        full,
+        entry_count: count,
+        base_seq,
     }))
     .await?;
-    // Chunks are bounded by entries and by encoded bytes (paths can be 4 KiB each),
-    // well under the receiver's control frame bound.
-    let mut chunk: Vec<pb::Entry> = Vec::new();
-    let mut chunk_bytes = 0usize;
-    let mut it = out.manifest.iter().peekable();
-    loop {
-        let next = it.next();
-        if let Some(e) = next {
-            let w = pb::Entry::from(e);
-            chunk_bytes += prost::Message::encoded_len(&w) + 4;
-            chunk.push(w);
+    match &out.body {
+        OutBody::Full(m) => {
+            let items: Vec<pb::Entry> = m.iter().map(pb::Entry::from).collect();
+            send_chunked(conn, items, |entries, last| {
+                Msg::ManifestChunk(pb::ManifestChunk { entries, last })
+            })
+            .await?
         }
-        let last = it.peek().is_none();
-        if last || chunk.len() >= CHUNK_ENTRIES || chunk_bytes >= CHUNK_BYTES {
-            conn.send(Msg::ManifestChunk(pb::ManifestChunk {
-                entries: std::mem::take(&mut chunk),
-                last,
-            }))
-            .await?;
-            chunk_bytes = 0;
-        }
-        if last {
-            break;
+        OutBody::Incremental { changes, .. } => {
+            let items: Vec<pb::Change> = changes.iter().map(pb::Change::from).collect();
+            send_chunked(conn, items, |changes, last| {
+                Msg::ChangeChunk(pb::ChangeChunk { changes, last })
+            })
+            .await?
         }
     }
 
@@ -126,6 +151,11 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 if n.last {
                     break;
                 }
+            }
+            Msg::ApplyResult(r) if r.need_full && !full => {
+                st.need_full = true;
+                st.apply = r;
+                return Ok(st);
             }
             m => {
                 return Err(TransferError::Protocol(format!(
@@ -140,11 +170,11 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     let mut paced: u64 = 0;
     let mut buf = vec![0u8; cd_proto::frame::MAX_CHUNK_RAW];
     for need in needs {
-        let path = cd_core::path::RelPath::new(need.path.clone())
+        let path = RelPath::new(need.path.clone())
             .map_err(|e| TransferError::Protocol(format!("need for invalid path: {e}")))?;
         let want = cd_proto::convert::hash_from_bytes(&need.hash)
             .map_err(|e| TransferError::Protocol(format!("need for {path}: {e}")))?;
-        if out.manifest.get(&path).and_then(Entry::hash) != Some(&want) {
+        if out.body.announced(&path) != Some(want) {
             return Err(TransferError::Protocol(format!(
                 "replica asked for {path} with a hash the manifest does not have"
             )));
@@ -252,6 +282,37 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Sends `items` as chunk messages bounded by entries and encoded bytes (paths can be
+/// 4 KiB each), well under the receiver's control frame bound. At least one chunk (the
+/// last) is always sent.
+async fn send_chunked<S, T>(
+    conn: &mut Conn<S>,
+    items: Vec<T>,
+    make: fn(Vec<T>, bool) -> Msg,
+) -> Result<(), TransferError>
+where
+    S: AsyncWrite + Unpin,
+    T: prost::Message,
+{
+    let mut chunk: Vec<T> = Vec::new();
+    let mut bytes = 0usize;
+    let mut it = items.into_iter().peekable();
+    loop {
+        if let Some(item) = it.next() {
+            bytes += item.encoded_len() + 4;
+            chunk.push(item);
+        }
+        let last = it.peek().is_none();
+        if last || chunk.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES {
+            conn.send(make(std::mem::take(&mut chunk), last)).await?;
+            bytes = 0;
+        }
+        if last {
+            return Ok(());
+        }
+    }
+}
+
 async fn pace(started: Instant, sent: u64, rate: u64) {
     if rate == 0 {
         return;
@@ -268,6 +329,8 @@ async fn pace(started: Instant, sent: u64, rate: u64) {
 pub struct ReceiveContext {
     pub root: std::path::PathBuf,
     pub index_path: std::path::PathBuf,
+    /// Where [`ReplicaState::last_applied`] is persisted.
+    pub state_path: std::path::PathBuf,
     pub owner: bool,
 }
 
@@ -280,11 +343,50 @@ pub struct ReceiveStats {
     pub apply: pb::ApplyResult,
 }
 
+/// What a replica remembers between transfers of one content set.
+#[derive(Debug, Default)]
+pub struct ReplicaState {
+    /// Its tree as of the last complete apply (saves a scan per incremental change set).
+    pub local: Option<Manifest>,
+    /// `(origin, seq)` of the last change set applied completely.
+    pub last_applied: Option<(String, u64)>,
+}
+
+impl ReplicaState {
+    /// Loads `last_applied` from `path` (the cached tree is never persisted: after a
+    /// restart the first incremental change set triggers a scan).
+    pub fn load(path: &std::path::Path) -> Self {
+        let last_applied = std::fs::read_to_string(path).ok().and_then(|s| {
+            let (origin, seq) = s.trim().rsplit_once(' ')?;
+            Some((origin.to_owned(), seq.parse().ok()?))
+        });
+        Self {
+            local: None,
+            last_applied,
+        }
+    }
+
+    fn save(&self, path: &std::path::Path) {
+        let tmp = path.with_extension("tmp");
+        let body = match &self.last_applied {
+            Some((o, s)) => format!("{o} {s}\n"),
+            None => String::new(),
+        };
+        if std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .is_err()
+        {
+            tracing::warn!(path = %path.display(), "could not persist the applied sequence number");
+        }
+    }
+}
+
 /// Runs the replica side after `TransferBegin` was received and authorised.
 pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     begin: &pb::TransferBegin,
     ctx: &ReceiveContext,
+    state: &mut ReplicaState,
 ) -> Result<ReceiveStats, TransferError> {
     if begin.entry_count > MAX_ENTRIES {
         return Err(TransferError::BadManifest(format!(
@@ -292,44 +394,93 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             begin.entry_count
         )));
     }
-    let mut entries: Vec<Entry> = Vec::with_capacity(begin.entry_count.min(1 << 20) as usize);
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut changes: Vec<Change> = Vec::new();
     loop {
-        match conn.recv_msg().await? {
-            Msg::ManifestChunk(c) => {
+        let (n, last) = match conn.recv_msg().await? {
+            Msg::ManifestChunk(c) if begin.full => {
                 for e in c.entries {
                     entries.push(
                         Entry::try_from(e)
                             .map_err(|e| TransferError::BadManifest(e.to_string()))?,
                     );
                 }
-                if entries.len() as u64 > begin.entry_count {
-                    return Err(TransferError::BadManifest(
-                        "more entries than announced".into(),
-                    ));
+                (entries.len(), c.last)
+            }
+            Msg::ChangeChunk(c) if !begin.full => {
+                for ch in c.changes {
+                    changes.push(
+                        Change::try_from(ch)
+                            .map_err(|e| TransferError::BadManifest(e.to_string()))?,
+                    );
                 }
-                if c.last {
-                    break;
-                }
+                (changes.len(), c.last)
             }
             m => {
                 return Err(TransferError::Protocol(format!(
-                    "expected ManifestChunk, got {}",
+                    "expected {} chunk, got {}",
+                    if begin.full { "a manifest" } else { "a change" },
                     msg_name(&m)
                 )));
             }
+        };
+        if n as u64 > begin.entry_count {
+            return Err(TransferError::BadManifest(
+                "more entries than announced".into(),
+            ));
+        }
+        if last {
+            break;
         }
     }
-    let desired =
-        Manifest::from_entries(entries).map_err(|e| TransferError::BadManifest(e.to_string()))?;
+    if !begin.full && state.last_applied.as_ref() != Some(&(begin.origin.clone(), begin.base_seq)) {
+        // A gap (or no base at all, e.g. after a restart): this replica cannot know
+        // what the changes apply to. Ask for the whole tree instead of guessing.
+        tracing::info!(
+            content_set = %begin.content_set,
+            base_seq = begin.base_seq,
+            last = ?state.last_applied,
+            "incremental change set does not follow what this replica holds; asking for a full manifest"
+        );
+        let r = pb::ApplyResult {
+            need_full: true,
+            ..Default::default()
+        };
+        conn.send(Msg::ApplyResult(r.clone())).await?;
+        return Ok(ReceiveStats {
+            apply: r,
+            ..Default::default()
+        });
+    }
     let owner = ctx.owner;
-    let (root, plan) = tokio::task::block_in_place(|| -> Result<(Root, Plan), TransferError> {
-        let root = Root::open(&ctx.root)?;
-        let mut index = fs::HashIndex::load(&ctx.index_path);
-        let (local, _) = fs::scan(&root, &mut index)?;
-        index.save(&ctx.index_path)?;
-        let plan = cd_core::plan::plan(&desired, &local, PlanOptions { owner });
-        Ok((root, plan))
-    })?;
+    let cached = if begin.full { None } else { state.local.take() };
+    state.local = None;
+    let (root, plan, desired) =
+        tokio::task::block_in_place(|| -> Result<(Root, Plan, Manifest), TransferError> {
+            let root = Root::open(&ctx.root)?;
+            let local = match cached {
+                Some(m) => m,
+                None => {
+                    let mut index = fs::HashIndex::load(&ctx.index_path);
+                    let (local, _) = fs::scan(&root, &mut index)?;
+                    index.save(&ctx.index_path)?;
+                    local
+                }
+            };
+            let desired = if begin.full {
+                Manifest::from_entries(entries)
+            } else {
+                ChangeSet {
+                    origin: begin.origin.clone(),
+                    seq: begin.seq,
+                    body: ChangeBody::Incremental(changes),
+                }
+                .desired(&local)
+            }
+            .map_err(|e| TransferError::BadManifest(e.to_string()))?;
+            let plan = cd_core::plan::plan(&desired, &local, PlanOptions { owner });
+            Ok((root, plan, desired))
+        })?;
     let mut stats = ReceiveStats {
         entries: desired.len() as u64,
         fetched_files: plan.fetch.len() as u64,
@@ -442,7 +593,17 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         meta_only: report.meta_only,
         created_dirs: report.created_dirs,
         skipped: report.skipped.max(skipped),
+        need_full: false,
     };
+    // Remember the tree only when it is exactly what was asked for; anything less and
+    // the next change set must not build on it.
+    if report.errors.is_empty() && stats.apply.skipped == 0 {
+        state.local = Some(desired);
+        state.last_applied = Some((begin.origin.clone(), begin.seq));
+    } else {
+        state.last_applied = None;
+    }
+    state.save(&ctx.state_path);
     conn.send(Msg::ApplyResult(stats.apply.clone())).await?;
     Ok(stats)
 }

@@ -592,3 +592,94 @@ fn ca_init_refuses_to_overwrite() {
         "ca.key was replaced"
     );
 }
+
+/// Polls until every replica equals the source (or `limit` passes, then fails with the
+/// remaining differences and the daemons' logs). No `cdctl sync` is involved.
+fn wait_identical(c: &Cluster, limit: Duration, what: &str) {
+    let source = c.root(c.source()).unwrap();
+    let start = Instant::now();
+    loop {
+        let mut diffs = Vec::new();
+        for t in c.targets() {
+            let d = compare(&source, &c.root(&t).unwrap()).unwrap();
+            diffs.extend(d.into_iter().take(10).map(|x| format!("{t}: {x}")));
+        }
+        if diffs.is_empty() {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "{what}: replicas still differ after {limit:?}:\n{}\n{}",
+                diffs.join("\n"),
+                c.diagnostics()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Real time over one capture backend: the initial tree, a burst of creations and a
+/// round of every kind of edit reach every replica with no `cdctl sync`.
+fn realtime_replicates(capture: &'static str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(3, tmp.path(), &cdd(), &cdctl());
+    spec.mode = Some("realtime");
+    spec.capture = Some(capture);
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    let source = c.root(c.source()).unwrap();
+    let status = c.status(c.source()).unwrap();
+    let backend = &status["node"]["capture"]["backend"];
+    assert_eq!(backend, capture, "the configured backend runs: {status}");
+
+    let mut tree = TreeSpec::new(400, 23);
+    tree.max_total_bytes = 8 * MIB as u64;
+    generate(&source, &tree).unwrap();
+    wait_identical(&c, Duration::from_secs(120), "generated tree");
+
+    let counts = mutate(&source, &MutateSpec::new(4, 29)).unwrap();
+    assert!(counts.total() > 30, "{counts}");
+    wait_identical(
+        &c,
+        Duration::from_secs(120),
+        "a round of every kind of edit",
+    );
+
+    // A file held open for writing is not shipped half-written: write half, check
+    // the replicas do not show the partial content, finish, and it arrives whole.
+    let path = source.join("held-open.bin");
+    let first = noise(5, MIB);
+    let second = noise(6, MIB);
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&path).unwrap();
+        f.write_all(&first).unwrap();
+        f.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_millis(700);
+        while Instant::now() < deadline {
+            for t in c.targets() {
+                let p = c.root(&t).unwrap().join("held-open.bin");
+                if let Ok(got) = fs::read(&p) {
+                    panic!(
+                        "{t}: a file still open for writing was shipped ({} bytes)",
+                        got.len()
+                    );
+                }
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        f.write_all(&second).unwrap();
+    }
+    wait_identical(&c, Duration::from_secs(60), "file closed after writing");
+    let status = c.status(c.source()).unwrap();
+    assert_eq!(status["node"]["capture"]["lost_total"], 0, "{status}");
+}
+
+#[test]
+fn realtime_replicates_with_ebpf() {
+    realtime_replicates("ebpf");
+}
+
+#[test]
+fn realtime_replicates_with_fanotify() {
+    realtime_replicates("fanotify");
+}

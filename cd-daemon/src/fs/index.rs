@@ -190,6 +190,31 @@ impl HashIndex {
         self.entries = entries;
     }
 
+    /// Replaces the entries at `under` and beneath it with `entries` (what a subtree
+    /// scan found there), keeping every other path's.
+    pub(crate) fn replace_under(
+        &mut self,
+        under: &RelPath,
+        entries: BTreeMap<RelPath, IndexEntry>,
+    ) {
+        // In byte order, `under/…` lies between `under` and `under0` ('0' follows '/');
+        // names like `under.txt` in between are skipped by the prefix test.
+        let mut end = under.as_bytes().to_vec();
+        end.push(b'0');
+        let stale: Vec<RelPath> = self
+            .entries
+            .range(under.clone()..)
+            .map(|(p, _)| p)
+            .take_while(|p| p.as_bytes() < end.as_slice())
+            .filter(|p| p.starts_with(under))
+            .cloned()
+            .collect();
+        for p in stale {
+            self.entries.remove(&p);
+        }
+        self.entries.extend(entries);
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             20 + self

@@ -98,7 +98,7 @@ mod tests;
 pub use apply::{ApplyOptions, ApplyReport, apply};
 pub use index::HashIndex;
 pub use read::{SendFile, SentFile};
-pub use scan::{ScanStats, scan};
+pub use scan::{ScanStats, SubtreeScan, scan, scan_subtree};
 pub use stage::Stage;
 
 /// Name of the stage parent directory inside [`RESERVED_DIR`].

@@ -28,6 +28,11 @@
 //! Errors: an entry that vanishes between listing and examination is skipped. Any other
 //! failure (permission denied, I/O error) fails the whole scan: an incomplete manifest
 //! would make replicas delete what was not listed.
+//!
+//! [`scan_subtree`] re-examines one path (and, for a directory, everything beneath it)
+//! with the same rules, for the real-time path: its parent is resolved with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` and the path itself is `lstat`ed
+//! relative to the parent's descriptor, then walked like the root.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -62,20 +67,15 @@ pub struct ScanStats {
 
 /// Scans `root` into a manifest, using and refreshing `index`. See the module docs.
 pub fn scan(root: &Root, index: &mut HashIndex) -> Result<(Manifest, ScanStats), FsError> {
-    let start = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
-    let racy_before = start - index.racy_window().as_nanos() as i128;
-    let mut w = Walker {
-        index,
-        fresh: BTreeMap::new(),
-        links: HashMap::new(),
-        entries: Vec::new(),
-        stats: ScanStats::default(),
-        racy_before,
-    };
-    w.walk(root)?;
+    let mut w = Walker::new(index);
+    let fd = sys::open_dir_nofollow(root.fd(), b".")
+        .map_err(|e| FsError::io("open", root.path().display(), e))?;
+    let names = list(fd.as_fd()).map_err(|e| FsError::io("list", ".", e))?;
+    w.walk(Frame {
+        fd,
+        path: None,
+        names,
+    })?;
     let Walker {
         fresh,
         entries,
@@ -89,6 +89,97 @@ pub fn scan(root: &Root, index: &mut HashIndex) -> Result<(Manifest, ScanStats),
         source,
     })?;
     Ok((manifest, stats))
+}
+
+/// What one path holds now: the result of [`scan_subtree`].
+#[derive(Debug)]
+pub struct SubtreeScan {
+    /// `path` itself and, for a directory, everything beneath it, in tree order; same
+    /// recording rules as [`scan`] (no symlink followed, `.cdsync` never included,
+    /// FIFOs etc. skipped). Hard links inside the subtree: canonical = first in tree order
+    /// within the subtree, others get `hardlink_to`.
+    ///
+    /// Empty when `path` is a special file (FIFO, socket, device): it exists, but a scan
+    /// does not record it (`stats.skipped` counts it).
+    pub entries: Vec<Entry>,
+    /// True when some regular file in the subtree has nlink > 1 (its other names may lie
+    /// outside the subtree, so the caller reconciles the whole root instead).
+    pub multi_link: bool,
+    pub stats: ScanStats,
+}
+
+/// Re-examines one path of `root` without walking the whole root: `path` itself and,
+/// for a directory, everything beneath it, recorded as [`scan`] would (see
+/// [`SubtreeScan`]). Cached hashes in `index` are used as by [`scan`].
+///
+/// `Ok(None)` when `path` does not exist now (or a component of its parent is not a
+/// directory / is a symlink: it cannot be a path in the tree), and for any path inside
+/// the reserved `.cdsync` directory.
+///
+/// `index` is refreshed for `path` and beneath it only (hashes for what was found,
+/// nothing for what is gone); other paths' entries are kept.
+///
+/// The parent is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` and the
+/// last component is `lstat`ed relative to it, so nothing outside the root is read.
+pub fn scan_subtree(
+    root: &Root,
+    path: &RelPath,
+    index: &mut HashIndex,
+) -> Result<Option<SubtreeScan>, FsError> {
+    if path.components().next() == Some(RESERVED_DIR) {
+        return Ok(None);
+    }
+    let (found, fresh) = walk_subtree(root, path, index)?;
+    index.replace_under(path, fresh);
+    Ok(found)
+}
+
+/// [`scan_subtree`] without the index update: what it found and the refreshed index
+/// entries for `path` and beneath it.
+fn walk_subtree(
+    root: &Root,
+    path: &RelPath,
+    index: &HashIndex,
+) -> Result<(Option<SubtreeScan>, BTreeMap<RelPath, IndexEntry>), FsError> {
+    const OP: &str = "scan";
+    let gone = || Ok((None, BTreeMap::new()));
+    let parent = match root.open_parent(OP, path) {
+        Ok(fd) => fd,
+        // A symlink among the parent's components: not a path in the tree.
+        Err(FsError::Escape { .. }) => return gone(),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+            return gone();
+        }
+        Err(e) => return Err(e),
+    };
+    let name = path.file_name();
+    let st = match sys::lstat_at(parent.as_fd(), name) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return gone(),
+        Err(e) => return Err(FsError::io("lstat", path, e)),
+    };
+    let mut w = Walker::new(index);
+    if let Some(frame) = w.visit_stat(parent.as_fd(), name, path.clone(), &st)? {
+        w.walk(frame)?;
+    }
+    if w.entries.is_empty() && st.kind() != Kind::Other {
+        // It vanished or changed type between the lstat and reading it.
+        return gone();
+    }
+    let Walker {
+        fresh,
+        entries,
+        mut stats,
+        multi_link,
+        ..
+    } = w;
+    stats.entries = entries.len() as u64;
+    let found = SubtreeScan {
+        entries,
+        multi_link,
+        stats,
+    };
+    Ok((Some(found), fresh))
 }
 
 /// One directory being listed: its descriptor, its path (`None` for the root) and the
@@ -117,18 +208,31 @@ struct Walker<'a> {
     stats: ScanStats,
     /// Changes with a ctime at or after this (ns since the epoch) are too recent to cache.
     racy_before: i128,
+    /// Some regular file seen had `nlink > 1`.
+    multi_link: bool,
 }
 
-impl Walker<'_> {
-    fn walk(&mut self, root: &Root) -> Result<(), FsError> {
-        let fd = sys::open_dir_nofollow(root.fd(), b".")
-            .map_err(|e| FsError::io("open", root.path().display(), e))?;
-        let names = list(fd.as_fd()).map_err(|e| FsError::io("list", ".", e))?;
-        let mut stack = vec![Frame {
-            fd,
-            path: None,
-            names,
-        }];
+impl<'a> Walker<'a> {
+    fn new(index: &'a HashIndex) -> Walker<'a> {
+        let start = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Walker {
+            index,
+            fresh: BTreeMap::new(),
+            links: HashMap::new(),
+            entries: Vec::new(),
+            stats: ScanStats::default(),
+            racy_before: start - index.racy_window().as_nanos() as i128,
+            multi_link: false,
+        }
+    }
+
+    /// Walks the directory of `start` (already recorded, or the root) and everything
+    /// beneath it.
+    fn walk(&mut self, start: Frame) -> Result<(), FsError> {
+        let mut stack = vec![start];
         while let Some(top) = stack.last_mut() {
             let Some(name) = top.names.pop() else {
                 stack.pop();
@@ -170,6 +274,17 @@ impl Walker<'_> {
             Err(Errno::NOENT) => return Ok(self.vanished(&path)),
             Err(e) => return Err(FsError::io("lstat", &path, e)),
         };
+        self.visit_stat(dir, name, path, &st)
+    }
+
+    /// [`Walker::visit`] for a name already `lstat`ed as `st`.
+    fn visit_stat(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        path: RelPath,
+        st: &StatInfo,
+    ) -> Result<Option<Frame>, FsError> {
         match st.kind() {
             Kind::Dir => {
                 let fd = match sys::open_dir_nofollow(dir, name) {
@@ -209,7 +324,7 @@ impl Walker<'_> {
                 Ok(None)
             }
             Kind::File => {
-                self.file(dir, name, path, &st)?;
+                self.file(dir, name, path, st)?;
                 Ok(None)
             }
             Kind::Other => {
@@ -233,6 +348,7 @@ impl Walker<'_> {
         path: RelPath,
         lst: &StatInfo,
     ) -> Result<(), FsError> {
+        self.multi_link |= lst.nlink > 1;
         if lst.nlink > 1
             && let Some(c) = self.links.get(&(lst.dev, lst.ino))
         {
@@ -266,6 +382,7 @@ impl Walker<'_> {
             self.fresh.insert(path.clone(), IndexEntry::new(&st, hash));
         }
         if st.nlink > 1 {
+            self.multi_link = true;
             let c = Canonical {
                 path: path.clone(),
                 size,
@@ -765,6 +882,305 @@ mod tests {
         // A hash that never matched a stable file is not remembered.
         assert!(idx.get(&p("busy")).is_none());
         assert!(idx.get(&p("calm")).is_some());
+    }
+
+    /// The entries of a full scan at `path` and beneath it, in tree order.
+    fn slice_of(m: &Manifest, path: &str) -> Vec<Entry> {
+        m.iter_tree()
+            .into_iter()
+            .filter(|e| e.path.starts_with(&p(path)))
+            .cloned()
+            .collect()
+    }
+
+    fn subtree(root: &Root, path: &str, idx: &mut HashIndex) -> Option<SubtreeScan> {
+        scan_subtree(root, &p(path), idx).unwrap()
+    }
+
+    #[test]
+    fn subtree_of_a_file_is_that_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/f"), b"content").unwrap();
+        std::fs::write(dir.path().join("other"), b"not read").unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let (m, _) = scan(&root, &mut quiet_index()).unwrap();
+        let s = subtree(&root, "d/f", &mut quiet_index()).unwrap();
+        assert_eq!(s.entries, slice_of(&m, "d/f"));
+        assert_eq!(
+            s.entries[0].hash(),
+            Some(blake3::hash(b"content").as_bytes())
+        );
+        assert!(!s.multi_link);
+        assert_eq!(
+            s.stats,
+            ScanStats {
+                entries: 1,
+                hashed_files: 1,
+                hashed_bytes: 7,
+                cached_files: 0,
+                skipped: 0
+            }
+        );
+    }
+
+    #[test]
+    fn subtree_of_a_symlink_is_the_link_never_its_target() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir(r.join("d")).unwrap();
+        std::fs::write(r.join("d/f"), b"f").unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("door")).unwrap();
+        std::os::unix::fs::symlink("d", r.join("inner-door")).unwrap();
+        std::os::unix::fs::symlink("d/f", r.join("file-link")).unwrap();
+        let root = Root::open(r).unwrap();
+        let (m, _) = scan(&root, &mut quiet_index()).unwrap();
+        for (l, t) in [
+            ("door", outside.path().as_os_str().as_bytes()),
+            ("inner-door", b"d"),
+            ("file-link", b"d/f"),
+        ] {
+            let s = subtree(&root, l, &mut quiet_index()).unwrap();
+            assert_eq!(s.entries, slice_of(&m, l), "{l}");
+            assert_eq!(s.entries.len(), 1, "{l}");
+            assert_eq!(
+                s.entries[0].kind,
+                EntryKind::Symlink { target: t.to_vec() },
+                "{l}"
+            );
+            assert_eq!((s.stats.hashed_files, s.stats.entries), (0, 1), "{l}");
+        }
+    }
+
+    #[test]
+    fn subtree_of_a_dir_is_the_matching_slice_of_a_full_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir_all(r.join("a/b/c")).unwrap();
+        std::fs::create_dir(r.join("a/empty")).unwrap();
+        std::fs::write(r.join("a/b/c/deep.txt"), b"deep").unwrap();
+        std::fs::write(r.join("a/file"), b"hello").unwrap();
+        std::fs::write(r.join("a/b.txt"), b"sorts after a/b/...").unwrap();
+        std::fs::write(r.join(std::ffi::OsStr::from_bytes(b"a/\xff odd")), b"odd").unwrap();
+        std::os::unix::fs::symlink("/", r.join("a/b/root-link")).unwrap();
+        std::fs::hard_link(r.join("a/file"), r.join("a/b/c/same")).unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            r.join("a/fifo"),
+            Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        std::fs::set_permissions(r.join("a/b"), std::fs::Permissions::from_mode(0o2751)).unwrap();
+        set_mtime(&r.join("a/file"), 1_600_000_000, 5);
+        // Outside the subtree, sorting before and after it.
+        std::fs::write(r.join("a-sibling"), b"x").unwrap();
+        std::fs::create_dir(r.join("Z")).unwrap();
+        std::fs::write(r.join("Z/f"), b"z").unwrap();
+        set_mtime(&r.join("a"), 1_500_000_000, 7);
+        let root = Root::open(r).unwrap();
+        let (m, _) = scan(&root, &mut quiet_index()).unwrap();
+        let s = subtree(&root, "a", &mut quiet_index()).unwrap();
+        let want = slice_of(&m, "a");
+        assert_eq!(want.len(), 10);
+        assert_eq!(
+            s.entries, want,
+            "same paths, order, kinds, hashes and metas"
+        );
+        assert_eq!(s.entries[0].path, p("a"));
+        assert_eq!(
+            (s.entries[0].meta.mtime_sec, s.entries[0].meta.mtime_nsec),
+            (1_500_000_000, 7)
+        );
+        assert!(s.multi_link, "a/file and a/b/c/same are one inode");
+        assert_eq!(s.stats.entries, 10);
+        assert_eq!(s.stats.skipped, 1, "the fifo");
+        assert_eq!(s.stats.hashed_files, 4, "deep.txt, a/b.txt, odd, file once");
+        // A nested directory, too.
+        let s = subtree(&root, "a/b", &mut quiet_index()).unwrap();
+        let inner: Vec<String> = s.entries.iter().map(|e| e.path.display()).collect();
+        assert_eq!(
+            inner,
+            [
+                "a/b",
+                "a/b/c",
+                "a/b/c/deep.txt",
+                "a/b/c/same",
+                "a/b/root-link"
+            ]
+        );
+        assert_eq!(s.entries[0].meta.mode, 0o2751);
+        // Within this subtree `a/b/c/same` is the first name of its inode.
+        assert_eq!(
+            s.entries[3].kind,
+            EntryKind::File {
+                size: 5,
+                hash: *blake3::hash(b"hello").as_bytes(),
+                hardlink_to: None
+            }
+        );
+        assert!(s.multi_link);
+        // A special file exists but is not recorded.
+        let s = subtree(&root, "a/fifo", &mut quiet_index()).unwrap();
+        assert!(s.entries.is_empty());
+        assert_eq!(s.stats.skipped, 1);
+    }
+
+    #[test]
+    fn subtree_of_a_missing_path_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("f"), b"f").unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        let mut idx = quiet_index();
+        for missing in ["nope", "d/nope", "nope/deeper/still", "f/under-a-file"] {
+            assert!(subtree(&root, missing, &mut idx).is_none(), "{missing}");
+        }
+        std::fs::remove_dir(dir.path().join("d")).unwrap();
+        assert!(subtree(&root, "d", &mut idx).is_none());
+    }
+
+    #[test]
+    fn subtree_below_a_symlink_is_none_and_reads_nothing_outside() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("sub")).unwrap();
+        std::fs::write(outside.path().join("sub/secret"), b"s").unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir(r.join("d")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("door")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("d/door")).unwrap();
+        std::os::unix::fs::symlink(r.join("d"), r.join("loop-in")).unwrap();
+        let root = Root::open(r).unwrap();
+        let mut idx = quiet_index();
+        // Each of these names something that exists if the symlink were followed.
+        for p in [
+            "door/secret",
+            "door/sub",
+            "door/sub/secret",
+            "d/door/secret",
+            "d/door/sub",
+            "loop-in/door",
+        ] {
+            assert!(subtree(&root, p, &mut idx).is_none(), "{p}");
+        }
+        assert!(idx.is_empty());
+    }
+
+    #[test]
+    fn subtree_with_a_hard_link_reports_multi_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir(r.join("d")).unwrap();
+        std::fs::write(r.join("d/x"), b"linked").unwrap();
+        std::fs::hard_link(r.join("d/x"), r.join("d/y")).unwrap();
+        std::fs::hard_link(r.join("d/x"), r.join("elsewhere")).unwrap();
+        std::fs::write(r.join("d/z"), b"single").unwrap();
+        let root = Root::open(r).unwrap();
+        let mut idx = quiet_index();
+        let s = subtree(&root, "d/y", &mut idx).unwrap();
+        assert!(s.multi_link);
+        assert_eq!(s.entries.len(), 1);
+        assert!(matches!(
+            &s.entries[0].kind,
+            EntryKind::File {
+                hardlink_to: None,
+                ..
+            }
+        ));
+        let s = subtree(&root, "d", &mut idx).unwrap();
+        assert!(s.multi_link);
+        assert_eq!(s.stats.hashed_files, 2, "the linked inode is read once");
+        let to = |i: usize| match &s.entries[i].kind {
+            EntryKind::File { hardlink_to, .. } => hardlink_to.clone(),
+            k => panic!("{k:?}"),
+        };
+        assert_eq!((to(1), to(2), to(3)), (None, Some(p("d/x")), None));
+        assert!(!subtree(&root, "d/z", &mut idx).unwrap().multi_link);
+    }
+
+    #[test]
+    fn subtree_inside_the_reserved_dir_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join(".cdsync/x"), b"x").unwrap();
+        let mut idx = quiet_index();
+        for p in [".cdsync/x", ".cdsync", ".cdsync/stage"] {
+            assert!(subtree(&root, p, &mut idx).is_none(), "{p}");
+        }
+        // A top-level directory listed by a subtree scan still never holds `.cdsync`
+        // entries, but a nested `.cdsync` is an ordinary name.
+        std::fs::create_dir_all(dir.path().join("d/.cdsync")).unwrap();
+        let s = subtree(&root, "d", &mut idx).unwrap();
+        assert_eq!(s.entries.len(), 2);
+    }
+
+    #[test]
+    fn subtree_reuses_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir_all(r.join("d/e")).unwrap();
+        for i in 0..3 {
+            std::fs::write(r.join(format!("d/e/f{i}")), format!("content {i}")).unwrap();
+        }
+        std::fs::write(r.join("d/g"), b"g").unwrap();
+        let root = Root::open(r).unwrap();
+        let (m, _) = scan(&root, &mut quiet_index()).unwrap();
+        let mut idx = quiet_index();
+        let first = subtree(&root, "d", &mut idx).unwrap();
+        assert_eq!((first.stats.hashed_files, idx.len()), (4, 4));
+        assert_eq!(first.entries, slice_of(&m, "d"));
+        let second = subtree(&root, "d", &mut idx).unwrap();
+        let s = &second;
+        {
+            assert_eq!(
+                (
+                    s.stats.hashed_files,
+                    s.stats.hashed_bytes,
+                    s.stats.cached_files
+                ),
+                (0, 0, 4)
+            );
+            assert_eq!(s.entries, slice_of(&m, "d"));
+        }
+        assert_eq!(
+            subtree(&root, "d/e/f1", &mut idx)
+                .unwrap()
+                .stats
+                .hashed_files,
+            0
+        );
+        // A changed file is hashed again; the others still come from the index.
+        std::fs::write(r.join("d/e/f1"), b"changed").unwrap();
+        let s = subtree(&root, "d", &mut idx).unwrap();
+        assert_eq!((s.stats.hashed_files, s.stats.cached_files), (1, 3));
+        assert_eq!(
+            s.entries[3].hash(),
+            Some(blake3::hash(b"changed").as_bytes())
+        );
+        assert_eq!(idx.len(), 4);
+        let s = subtree(&root, "d/e", &mut idx).unwrap();
+        assert_eq!((s.stats.hashed_files, s.stats.cached_files), (0, 3));
+        // Only the subtree's entries are replaced: a vanished path drops out, other
+        // paths (even ones sharing a name prefix) are kept.
+        std::fs::write(r.join("d/e.txt"), b"e").unwrap();
+        assert_eq!(
+            subtree(&root, "d/e.txt", &mut idx)
+                .unwrap()
+                .stats
+                .hashed_files,
+            1
+        );
+        assert_eq!(idx.len(), 5);
+        std::fs::remove_file(r.join("d/e/f0")).unwrap();
+        subtree(&root, "d/e", &mut idx).unwrap();
+        assert!(idx.get(&p("d/e/f0")).is_none());
+        assert!(idx.get(&p("d/e.txt")).is_some() && idx.get(&p("d/g")).is_some());
+        std::fs::remove_dir_all(r.join("d/e")).unwrap();
+        assert!(subtree(&root, "d/e", &mut idx).is_none());
+        assert_eq!(idx.len(), 2, "d/e.txt and d/g");
     }
 
     #[test]

@@ -1,0 +1,496 @@
+//! Real-time distribution: kernel events → coalescer → incremental change sets.
+//!
+//! [`CaptureService`] owns one kernel capture backend per node: eBPF where the kernel
+//! loads the programs, else fanotify; which one runs and why is kept for `cdctl
+//! status`. A reader task waits on the backend's file descriptor (epoll through
+//! tokio's `AsyncFd`, no polling timer) and hands each watched root's events to that
+//! content set's task.
+//!
+//! The per-set task feeds a [`Coalescer`]: a path still open for writing is held back,
+//! create+delete cancels, renames stay renames. Each ready batch is resolved against
+//! the disk (a changed path is re-examined with [`fs::scan_subtree`], so what ships is
+//! what the file holds now, hashed) into an incremental change set numbered `seq`
+//! with `base_seq = seq - 1`. A replica that did not apply `seq - 1` (it was down, it
+//! restarted, a transfer failed) answers `need_full` and gets the whole tree as change
+//! set `seq` instead, so no change is ever skipped silently. A batch that says events
+//! were lost (`Rescan`), or touches a file with several hard links, is shipped as a
+//! full reconcile too.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cd_core::changeset::Change;
+use cd_core::coalesce::{Batch, Coalescer, CoalescerConfig, PathChange};
+use cd_core::event::{EventKind, FsEvent};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+use crate::config::CaptureChoice;
+use crate::watch::fanotify::FanotifyWatcher;
+
+/// Events read per backend poll.
+const POLL_MAX: usize = 4096;
+/// Event batches queued per content set before the set is marked as having lost events.
+const SET_QUEUE: usize = 1024;
+
+enum Backend {
+    Ebpf(Box<cd_ebpf::Capture>),
+    Fanotify(Box<FanotifyWatcher>),
+}
+
+impl Backend {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Backend::Ebpf(c) => c.as_fd(),
+            Backend::Fanotify(f) => f.as_fd(),
+        }
+    }
+
+    fn watch(&mut self, root_id: u32, path: &Path) -> anyhow::Result<()> {
+        match self {
+            Backend::Ebpf(c) => c.watch_root(root_id, path)?,
+            Backend::Fanotify(f) => f.watch_root(root_id, path)?,
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<(u32, FsEvent)>) -> anyhow::Result<usize> {
+        match self {
+            Backend::Ebpf(c) => {
+                let mut evs = Vec::new();
+                let n = c.poll(&mut evs, POLL_MAX);
+                out.extend(evs.into_iter().map(|e| (e.root_id, e.event)));
+                Ok(n)
+            }
+            Backend::Fanotify(f) => Ok(f.poll(out, POLL_MAX)?),
+        }
+    }
+
+    fn lost_count(&self) -> u64 {
+        match self {
+            Backend::Ebpf(c) => c.drops(),
+            Backend::Fanotify(f) => f.overflows(),
+        }
+    }
+}
+
+/// fanotify reports no "opened for writing" event, only `CLOSE_WRITE` for every
+/// descriptor that was. So for that backend a writer is inferred: a regular file
+/// created, or modified for the first time since its last close, has an open writer
+/// until its `CloseWrite`. Without this, a file being written would ship half-written.
+/// (A file created read-only never gets that close and waits for the coalescer's
+/// `open_write_max_ms` instead.)
+#[derive(Debug, Default)]
+struct WriterInference {
+    open: std::collections::HashSet<(u32, cd_core::path::RelPath)>,
+}
+
+impl WriterInference {
+    fn apply(&mut self, root: u32, ev: FsEvent, out: &mut Vec<(u32, FsEvent)>) {
+        let open_write = |p: &cd_core::path::RelPath| FsEvent {
+            kind: EventKind::OpenWrite,
+            path: Some(p.clone()),
+            path2: None,
+            is_dir: false,
+            pid: ev.pid,
+        };
+        match (ev.kind, &ev.path) {
+            (EventKind::Create | EventKind::Modify, Some(p)) if !ev.is_dir => {
+                let first = self.open.insert((root, p.clone()));
+                let opener = first.then(|| open_write(p));
+                if ev.kind == EventKind::Create {
+                    out.push((root, ev));
+                    out.extend(opener.map(|o| (root, o)));
+                } else {
+                    out.extend(opener.map(|o| (root, o)));
+                    out.push((root, ev));
+                }
+                return;
+            }
+            (EventKind::CloseWrite | EventKind::Unlink, Some(p)) => {
+                self.open.remove(&(root, p.clone()));
+            }
+            (EventKind::Rename, Some(from)) => {
+                if let Some(to) = &ev.path2 {
+                    let moved: Vec<_> = self
+                        .open
+                        .iter()
+                        .filter(|(r, p)| *r == root && p.starts_with(from))
+                        .cloned()
+                        .collect();
+                    for (r, p) in moved {
+                        self.open.remove(&(r, p.clone()));
+                        let mut np = to.as_bytes().to_vec();
+                        np.extend_from_slice(&p.as_bytes()[from.as_bytes().len()..]);
+                        if let Ok(np) = cd_core::path::RelPath::new(np) {
+                            self.open.insert((r, np));
+                        }
+                    }
+                }
+            }
+            (EventKind::Rmdir, Some(p)) | (EventKind::Lost, Some(p)) => {
+                self.open.retain(|(r, q)| !(*r == root && q.starts_with(p)));
+            }
+            (EventKind::Lost, None) => self.open.retain(|(r, _)| *r != root),
+            _ => {}
+        }
+        out.push((root, ev));
+    }
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<Vec<FsEvent>>,
+    /// Set when a batch could not be queued: the set task turns it into a rescan.
+    overflowed: Arc<AtomicBool>,
+}
+
+/// The node's kernel capture, shared by all its real-time content sets.
+pub struct CaptureService {
+    backend: Mutex<Backend>,
+    /// `"ebpf"` or `"fanotify"`.
+    pub kind: &'static str,
+    /// Why this backend runs (e.g. the eBPF load error that made us fall back).
+    pub reason: String,
+    subscribers: Mutex<HashMap<u32, Subscriber>>,
+    events: AtomicU64,
+    /// Only for fanotify (see [`WriterInference`]).
+    writers: Option<Mutex<WriterInference>>,
+}
+
+impl std::fmt::Debug for CaptureService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureService")
+            .field("kind", &self.kind)
+            .field("reason", &self.reason)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An owned duplicate of the backend's descriptor, for epoll registration.
+struct EpollFd(OwnedFd);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Registers the descriptor with tokio's reactor (epoll).
+#[expect(
+    unsafe_code,
+    reason = "tokio's AsyncFd registration is an unsafe fn: the caller vouches the descriptor stays valid"
+)]
+fn register(fd: EpollFd) -> std::io::Result<AsyncFd<EpollFd>> {
+    // SAFETY: `EpollFd` owns the `OwnedFd` whose number `as_raw_fd` returns, always the
+    // same one, and nothing else closes it: the descriptor stays open and refers to the
+    // same file description for the whole life of the `AsyncFd`, which owns `EpollFd`.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?)
+}
+
+impl CaptureService {
+    /// Loads a backend per `choice` and starts its reader task.
+    pub fn start(choice: CaptureChoice, ring_buffer_mib: u32) -> anyhow::Result<Arc<Self>> {
+        let ebpf = || {
+            cd_ebpf::Capture::load(cd_ebpf::CaptureOptions {
+                ring_bytes: ring_buffer_mib << 20,
+            })
+            .map(|c| Backend::Ebpf(Box::new(c)))
+        };
+        let (backend, kind, reason) = match choice {
+            CaptureChoice::Ebpf => (ebpf()?, "ebpf", "configured: capture = \"ebpf\"".to_owned()),
+            CaptureChoice::Fanotify => (
+                Backend::Fanotify(Box::new(FanotifyWatcher::new()?)),
+                "fanotify",
+                "configured: capture = \"fanotify\"".to_owned(),
+            ),
+            CaptureChoice::Auto => match ebpf() {
+                Ok(b) => (
+                    b,
+                    "ebpf",
+                    "auto: the kernel loaded the eBPF programs".to_owned(),
+                ),
+                Err(e) => {
+                    let why = format!("auto: eBPF unavailable ({e}); using fanotify");
+                    tracing::warn!(reason = %why, "capture backend");
+                    (
+                        Backend::Fanotify(Box::new(FanotifyWatcher::new()?)),
+                        "fanotify",
+                        why,
+                    )
+                }
+            },
+        };
+        tracing::info!(backend = kind, reason = %reason, "kernel change capture started");
+        let fd = EpollFd(backend.fd().try_clone_to_owned()?);
+        let svc = Arc::new(CaptureService {
+            backend: Mutex::new(backend),
+            kind,
+            reason,
+            subscribers: Mutex::new(HashMap::new()),
+            events: AtomicU64::new(0),
+            writers: (kind == "fanotify").then(|| Mutex::new(WriterInference::default())),
+        });
+        let afd = register(fd)?;
+        tokio::spawn(svc.clone().reader(afd));
+        Ok(svc)
+    }
+
+    /// Watches `root` for the set task listening on the returned receiver.
+    pub fn watch(
+        &self,
+        root_id: u32,
+        root: &Path,
+    ) -> anyhow::Result<(mpsc::Receiver<Vec<FsEvent>>, Arc<AtomicBool>)> {
+        let (tx, rx) = mpsc::channel(SET_QUEUE);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        self.subscribers.lock().unwrap().insert(
+            root_id,
+            Subscriber {
+                tx,
+                overflowed: overflowed.clone(),
+            },
+        );
+        self.backend.lock().unwrap().watch(root_id, root)?;
+        Ok((rx, overflowed))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "backend": self.kind,
+            "reason": self.reason,
+            "events_total": self.events.load(Ordering::Relaxed),
+            "lost_total": self.backend.lock().unwrap().lost_count(),
+        })
+    }
+
+    async fn reader(self: Arc<Self>, afd: AsyncFd<EpollFd>) {
+        let mut buf: Vec<(u32, FsEvent)> = Vec::new();
+        loop {
+            let mut guard = match afd.readable().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "capture: waiting for events failed; capture stopped");
+                    return;
+                }
+            };
+            // Drain everything available; readiness is cleared only after an empty
+            // read, and tokio keeps any readiness that arrived meanwhile.
+            loop {
+                buf.clear();
+                let n = match self.backend.lock().unwrap().poll(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "capture: reading events failed");
+                        0
+                    }
+                };
+                if buf.is_empty() && n == 0 {
+                    guard.clear_ready();
+                    break;
+                }
+                self.events.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                self.dispatch(&mut buf);
+            }
+        }
+    }
+
+    fn dispatch(&self, buf: &mut Vec<(u32, FsEvent)>) {
+        if let Some(w) = &self.writers {
+            let mut w = w.lock().unwrap();
+            let mut out = Vec::with_capacity(buf.len() + 8);
+            for (root, ev) in buf.drain(..) {
+                w.apply(root, ev, &mut out);
+            }
+            *buf = out;
+        }
+        let mut per_root: HashMap<u32, Vec<FsEvent>> = HashMap::new();
+        for (root, ev) in buf.drain(..) {
+            per_root.entry(root).or_default().push(ev);
+        }
+        let subs = self.subscribers.lock().unwrap();
+        for (root, evs) in per_root {
+            if let Some(s) = subs.get(&root)
+                && s.tx.try_send(evs).is_err()
+            {
+                // The set task is behind: never drop silently, rescan instead.
+                s.overflowed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What one batch turned into.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    pub changes: Vec<Change>,
+    /// Ship the whole tree instead (events lost, or hard links involved).
+    pub full: bool,
+}
+
+/// Resolves a coalesced batch against the disk.
+pub fn resolve(
+    root: &crate::fs::Root,
+    index: &mut crate::fs::HashIndex,
+    batch: &Batch,
+) -> Result<Resolved, crate::fs::FsError> {
+    let mut r = Resolved::default();
+    for ch in &batch.changes {
+        match ch {
+            PathChange::Upsert { path } => match crate::fs::scan_subtree(root, path, index)? {
+                None => r.changes.push(Change::Remove(path.clone())),
+                Some(s) if s.multi_link => r.full = true,
+                Some(s) => r.changes.extend(s.entries.into_iter().map(Change::Upsert)),
+            },
+            PathChange::Remove { path } => r.changes.push(Change::Remove(path.clone())),
+            PathChange::Rename { from, to } => r.changes.push(Change::Rename {
+                from: from.clone(),
+                to: to.clone(),
+            }),
+            PathChange::Rescan { .. } => r.full = true,
+        }
+    }
+    // A change inside a directory moves that directory's mtime on the source, and
+    // no event says so: ship the attributes of every parent touched (not its subtree).
+    let mut parents = std::collections::BTreeSet::new();
+    for ch in &batch.changes {
+        match ch {
+            PathChange::Upsert { path } | PathChange::Remove { path } => {
+                parents.extend(path.parent());
+            }
+            PathChange::Rename { from, to } => {
+                parents.extend(from.parent());
+                parents.extend(to.parent());
+            }
+            PathChange::Rescan { .. } => {}
+        }
+    }
+    for dir in parents {
+        if let Some(e) = dir_entry(root, &dir)? {
+            r.changes.push(Change::Upsert(e));
+        }
+    }
+    Ok(r)
+}
+
+/// The entry of directory `dir` alone (its attributes), or `None` if it is gone or
+/// is no longer a directory (another change in the batch accounts for that).
+fn dir_entry(
+    root: &crate::fs::Root,
+    dir: &cd_core::path::RelPath,
+) -> Result<Option<cd_core::manifest::Entry>, crate::fs::FsError> {
+    use rustix::fs::OFlags;
+    let fd = match root.open_beneath(
+        "stat directory",
+        Some(dir),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+    ) {
+        Ok(fd) => fd,
+        Err(e) if e.is_not_found() || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let st = rustix::fs::fstat(&fd)
+        .map_err(|e| crate::fs::FsError::io("stat directory", dir.display(), e))?;
+    Ok(Some(cd_core::manifest::Entry {
+        path: dir.clone(),
+        kind: cd_core::manifest::EntryKind::Dir,
+        meta: cd_core::manifest::Meta {
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime_sec: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec as u32,
+        },
+    }))
+}
+
+/// A fresh coalescer for a content set.
+pub fn coalescer(debounce_ms: u64) -> Coalescer {
+    Coalescer::new(CoalescerConfig {
+        debounce_ms,
+        ..CoalescerConfig::default()
+    })
+}
+
+/// The event that stands for "events were lost for this whole root".
+pub fn lost_root() -> FsEvent {
+    FsEvent {
+        kind: EventKind::Lost,
+        path: None,
+        path2: None,
+        is_dir: true,
+        pid: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cd_core::event::{EventKind, FsEvent};
+    use cd_core::path::RelPath;
+
+    use super::WriterInference;
+
+    fn ev(kind: EventKind, p: &str) -> FsEvent {
+        FsEvent {
+            kind,
+            path: Some(RelPath::new(p).unwrap()),
+            path2: None,
+            is_dir: false,
+            pid: 1,
+        }
+    }
+
+    fn kinds(out: &[(u32, FsEvent)]) -> Vec<(EventKind, String)> {
+        out.iter()
+            .map(|(_, e)| (e.kind, e.path.as_ref().unwrap().display()))
+            .collect()
+    }
+
+    #[test]
+    fn fanotify_writers_are_inferred_until_close() {
+        use EventKind::*;
+        let mut w = WriterInference::default();
+        let mut out = Vec::new();
+        for e in [
+            ev(Create, "a"),
+            ev(Modify, "a"),
+            ev(CloseWrite, "a"),
+            ev(Modify, "a"),
+            ev(Modify, "a"),
+            ev(CloseWrite, "a"),
+        ] {
+            w.apply(1, e, &mut out);
+        }
+        let s = |k, p: &str| (k, p.to_owned());
+        assert_eq!(
+            kinds(&out),
+            [
+                s(Create, "a"),
+                s(OpenWrite, "a"),
+                s(Modify, "a"),
+                s(CloseWrite, "a"),
+                s(OpenWrite, "a"),
+                s(Modify, "a"),
+                s(Modify, "a"),
+                s(CloseWrite, "a"),
+            ]
+        );
+        // A rename carries the open writer along: its close arrives under the new name.
+        out.clear();
+        w.apply(1, ev(Modify, "d/f"), &mut out);
+        let mut r = ev(Rename, "d");
+        r.path2 = Some(RelPath::new("e").unwrap());
+        r.is_dir = true;
+        w.apply(1, r, &mut out);
+        w.apply(1, ev(Modify, "e/f"), &mut out);
+        assert!(w.open.contains(&(1, RelPath::new("e/f").unwrap())));
+        assert!(!w.open.contains(&(1, RelPath::new("d/f").unwrap())));
+        assert_eq!(
+            out.iter().filter(|(_, e)| e.kind == OpenWrite).count(),
+            1,
+            "{out:?}"
+        );
+    }
+}
