@@ -5,7 +5,9 @@
 //!   few thousand files, sync, mutate, sync again, and verify every replica with the
 //!   independent comparator of `cd-testkit`.
 //! - `cargo xtask test [PHASE...]`: the single test command of CI (`.ci/run`): format
-//!   check, clippy, the workspace tests; each phase timed, first failure stops the run.
+//!   check, clippy, the workspace tests, privileged kernel tests, the eBPF object
+//!   rebuilt from source, and the kernel tests in a qemu guest on Debian's 6.1 kernel;
+//!   each phase timed, first failure stops the run. Each phase installs what it needs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -18,6 +20,8 @@ use cd_testkit::mutate::{MutateSpec, mutate};
 use cd_testkit::tree::{TreeSpec, generate};
 use serde_json::Value;
 
+mod vm;
+
 const USAGE: &str = "\
 usage: cargo xtask <task> [options]
 
@@ -29,7 +33,8 @@ tasks:
         --keep DIR  keep the content roots at DIR/<node>/ (daemon state in DIR/.state/)
         --hold      after verifying, keep the cluster running until Ctrl-C / SIGTERM
   test [PHASE...]
-        run the CI phases in order (default all): fmt, clippy, test";
+        run the CI phases in order (default all):
+        fmt, clippy, test, privileged, ebpf-object, guest";
 
 fn main() -> ExitCode {
     match run() {
@@ -79,20 +84,31 @@ fn secs(d: Duration) -> String {
 #[derive(Debug)]
 struct Phase {
     name: &'static str,
-    args: &'static [&'static str],
+    what: &'static str,
+    run: PhaseRun,
 }
 
-/// The phases, in order. Later tiers slot in here as further entries: privileged
-/// `vm-tests` (namespaces, kernel hooks), then the qemu guest for kTLS. Anything they
-/// need installed goes in [`prepare`].
+#[derive(Debug)]
+enum PhaseRun {
+    /// `cargo <args>`.
+    Cargo(&'static [&'static str]),
+    /// A task of this program.
+    Task(fn() -> Result<()>),
+}
+
+/// The tiers, in order: static checks, unprivileged tests, privileged tests on this
+/// kernel, the committed eBPF object rebuilt from source, and the privileged kernel
+/// tests again inside a qemu guest booting Debian 12's own kernel.
 const PHASES: &[Phase] = &[
     Phase {
         name: "fmt",
-        args: &["fmt", "--all", "--", "--check"],
+        what: "cargo fmt --all -- --check",
+        run: PhaseRun::Cargo(&["fmt", "--all", "--", "--check"]),
     },
     Phase {
         name: "clippy",
-        args: &[
+        what: "cargo clippy --workspace --all-targets -- -D warnings",
+        run: PhaseRun::Cargo(&[
             "clippy",
             "--workspace",
             "--all-targets",
@@ -100,18 +116,172 @@ const PHASES: &[Phase] = &[
             "--",
             "-D",
             "warnings",
-        ],
+        ]),
     },
     Phase {
         name: "test",
+        what: "cargo test --workspace (unit, property, golden, multi-process cluster)",
         // --no-fail-fast: one failing test binary must not hide the others' results.
-        args: &["test", "--workspace", "-j2", "--no-fail-fast"],
+        run: PhaseRun::Cargo(&["test", "--workspace", "-j2", "--no-fail-fast"]),
+    },
+    Phase {
+        name: "privileged",
+        what: "vm-tests on this kernel (root): kernel hooks, loss detection",
+        run: PhaseRun::Task(privileged),
+    },
+    Phase {
+        name: "ebpf-object",
+        what: "rebuild the committed eBPF object from C and compare bytes",
+        run: PhaseRun::Task(ebpf_object),
+    },
+    Phase {
+        name: "guest",
+        what: "vm-tests inside a qemu (TCG) guest running Debian 12's 6.1 kernel",
+        run: PhaseRun::Task(guest),
     },
 ];
 
-/// Installs what the phases need. Nothing yet; system packages will be installed here
-/// (`apt-get install -y ...`) when a phase needs them, so that CI on a fresh machine
-/// has them too.
+fn require_root(what: &str) -> Result<()> {
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "0",
+        "{what} needs root (CI runs as root): run `sudo cargo xtask test`"
+    );
+    Ok(())
+}
+
+fn run_status(mut c: Command, what: &str) -> Result<()> {
+    let status = c.status().with_context(|| format!("starting {what}"))?;
+    ensure!(status.success(), "{what} failed ({status})");
+    Ok(())
+}
+
+/// Privileged tests on the running kernel. They are `#[ignore]`d so that a plain
+/// `cargo test` (no root) does not run them; here they run, one at a time.
+fn privileged() -> Result<()> {
+    require_root("the privileged tier")?;
+    let mut c = cargo();
+    c.args([
+        "test",
+        "-p",
+        "vm-tests",
+        "-j2",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ]);
+    run_status(c, "privileged vm-tests")
+}
+
+/// The eBPF object is committed (so `cargo build` needs no clang); this proves it is
+/// what the C source compiles to.
+fn ebpf_object() -> Result<()> {
+    require_root("installing clang")?;
+    let mut c = Command::new("bash");
+    c.arg(workspace_root().join("cd-ebpf/bpf/build.sh"))
+        .arg("--check");
+    run_status(c, "cd-ebpf/bpf/build.sh --check")
+}
+
+/// Files in the guest's burst test.
+const GUEST_BURST_FILES: usize = 20_000;
+
+/// Test binaries of `vm-tests` that also run inside the guest.
+const GUEST_TESTS: &[&str] = &["ebpf"];
+
+/// Builds the vm-tests test binaries and runs the kernel-facing ones in a guest
+/// booting Debian's own kernel, so the programs are proven on the kernels web
+/// farms run, not only on this one.
+fn guest() -> Result<()> {
+    require_root("the guest tier (apt-get, qemu)")?;
+    vm::ensure_tools()?;
+    let out = cargo()
+        .args([
+            "test",
+            "-p",
+            "vm-tests",
+            "-j2",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building vm-tests")?;
+    ensure!(out.status.success(), "building vm-tests failed");
+    let mut exes = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
+            continue;
+        }
+        let name = v["target"]["name"].as_str().unwrap_or_default();
+        if let (true, Some(exe)) = (GUEST_TESTS.contains(&name), v["executable"].as_str()) {
+            exes.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    ensure!(
+        exes.len() == GUEST_TESTS.len(),
+        "expected test binaries {GUEST_TESTS:?}, found {:?}",
+        exes.iter().map(|e| &e.0).collect::<Vec<_>>()
+    );
+    let work = workspace_root().join("target/vm");
+    for (name, exe) in &exes {
+        let guest_path = format!("/bin/{name}");
+        // The guest's tmpfs lives in its RAM and its CPU is emulated: a 20,000-file
+        // burst there (the 200,000-file one runs on the host, in `privileged`).
+        let script = format!(
+            "CD_BURST_FILES={GUEST_BURST_FILES} exec {guest_path} --ignored --test-threads=1"
+        );
+        let spec = vm::GuestSpec {
+            kernel: vm::KernelChoice::DebianBookworm,
+            binaries: &[(exe.as_path(), guest_path.as_str())],
+            command: &["/bin/sh", "-c", script.as_str()],
+            modules: &[],
+            memory_mb: 2048,
+            cpus: 2,
+            timeout: Duration::from_secs(900),
+            strip: true,
+        };
+        let o = vm::run_in_guest(&spec, &work)?;
+        eprintln!(
+            "guest {} ({}): `{name}` exit {} (initramfs {} KiB, boot {:.1}s, total {:.1}s)",
+            o.kernel_release,
+            o.kernel_package_version,
+            o.exit_code,
+            o.initramfs_bytes / 1024,
+            o.boot_secs,
+            o.total_secs
+        );
+        if o.exit_code != 0 {
+            let tail: Vec<&str> = o.console.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let kept = o
+                .kept_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            bail!(
+                "`{name}` failed in the guest (exit {}; files kept in {kept}):\n{}",
+                o.exit_code,
+                tail.join("\n")
+            );
+        }
+        // The guest's console must show the test harness's own summary.
+        ensure!(
+            o.console.contains("test result: ok."),
+            "`{name}` in the guest printed no passing test summary"
+        );
+    }
+    Ok(())
+}
+
+/// Installs what the cargo phases need. The task phases install their own tools
+/// (clang for the eBPF object, qemu and Debian's kernel for the guest).
 fn prepare() -> Result<()> {
     Ok(())
 }
@@ -133,24 +303,37 @@ fn test(selected: &[String]) -> Result<()> {
     let mut done = Vec::new();
     for (i, phase) in phases.iter().enumerate() {
         eprintln!(
-            "==> xtask test [{}/{}] {}: cargo {}",
+            "==> xtask test [{}/{}] {}: {}",
             i + 1,
             phases.len(),
             phase.name,
-            phase.args.join(" ")
+            phase.what
         );
         let t = Instant::now();
-        let status = cargo()
-            .args(phase.args)
-            .status()
-            .with_context(|| format!("starting cargo for phase {}", phase.name))?;
+        let r = match &phase.run {
+            PhaseRun::Cargo(args) => {
+                let status = cargo()
+                    .args(*args)
+                    .status()
+                    .with_context(|| format!("starting cargo for phase {}", phase.name))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!(
+                        "{status}; reproduce with: cargo {}",
+                        args.join(" ")
+                    ))
+                }
+            }
+            PhaseRun::Task(f) => f(),
+        };
         let took = t.elapsed();
-        if !status.success() {
+        if let Err(e) = r {
             bail!(
-                "phase `{}` failed ({status}) after {}; reproduce with: cargo {}",
+                "phase `{}` failed after {}: {e:#}\nreproduce with: cargo xtask test {}",
                 phase.name,
                 secs(took),
-                phase.args.join(" ")
+                phase.name
             );
         }
         eprintln!("<== {} ok in {}", phase.name, secs(took));
