@@ -199,7 +199,8 @@ impl Exec<'_> {
         expect_kind(OP, from, parent.as_fd(), name, Kind::File)?;
         let (staged, size, got) = match mode {
             StageMode::Copy => {
-                let src = open_read(parent.as_fd(), name).map_err(|e| FsError::io(OP, from, e))?;
+                let src =
+                    super::open_read(parent.as_fd(), name).map_err(|e| FsError::io(OP, from, e))?;
                 self.copy_into_stage(OP, from, src.as_fd())?
             }
             StageMode::Move => {
@@ -236,7 +237,7 @@ impl Exec<'_> {
         from: &RelPath,
         tmp: &[u8],
     ) -> Result<(Vec<u8>, u64, Hash), FsError> {
-        let fd = open_read(self.stage.dir(), tmp).map_err(|e| FsError::io(op, from, e))?;
+        let fd = super::open_read(self.stage.dir(), tmp).map_err(|e| FsError::io(op, from, e))?;
         let st = sys::fstat(fd.as_fd()).map_err(|e| FsError::io(op, from, e))?;
         if st.kind() != Kind::File {
             return Err(wrong_type(op, from, Kind::File, st.kind()));
@@ -299,7 +300,7 @@ impl Exec<'_> {
                 return Err(FsError::io(OP, self.stage.shown(&s.name), e));
             }
             _ => {
-                let src = open_read(self.stage.dir(), &s.name)
+                let src = super::open_read(self.stage.dir(), &s.name)
                     .map_err(|e| FsError::io(OP, self.stage.shown(&s.name), e))?;
                 let (dst, tmp) = self.stage.create_temp("copy-")?;
                 if let Err(e) = copy_contents(src.as_fd(), dst.as_fd()) {
@@ -611,25 +612,6 @@ fn expect_kind(
         return Err(wrong_type(op, path, want, st.kind()));
     }
     Ok(())
-}
-
-/// Opens a regular file for reading without following a symlink or blocking on a FIFO.
-fn open_read(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {
-    super::with_noatime(|extra| {
-        sys::retry(|| {
-            rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::NOCTTY
-                    | OFlags::CLOEXEC
-                    | extra,
-                Mode::empty(),
-            )
-        })
-    })
 }
 
 fn open_rw(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {

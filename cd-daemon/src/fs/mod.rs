@@ -411,6 +411,26 @@ pub(crate) fn tmp_name() -> Vec<u8> {
     format!("{TMP_PREFIX}{}", unique_suffix()).into_bytes()
 }
 
+/// Opens a file for reading (hashing, sending, copying) without following a symlink,
+/// blocking on a FIFO or touching its atime.
+pub(crate) fn open_read(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {
+    with_noatime(|extra| {
+        sys::retry(|| {
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY
+                    | OFlags::NOFOLLOW
+                    | OFlags::NONBLOCK
+                    | OFlags::NOCTTY
+                    | OFlags::CLOEXEC
+                    | extra,
+                Mode::empty(),
+            )
+        })
+    })
+}
+
 /// Calls `f` with `O_NOATIME`, and again without it if the kernel refuses (`EPERM`:
 /// we neither own the file nor have `CAP_FOWNER`). Reading for hashing or sending
 /// should not disturb atimes.

@@ -40,7 +40,6 @@ use std::time::SystemTime;
 
 use cd_core::manifest::{Entry, EntryKind, Hash, Manifest, Meta, RESERVED_DIR};
 use cd_core::path::RelPath;
-use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
 use super::index::{HashIndex, IndexEntry};
@@ -412,21 +411,7 @@ impl<'a> Walker<'a> {
         name: &[u8],
         path: &RelPath,
     ) -> Result<Option<(u64, Hash, StatInfo, bool)>, FsError> {
-        let opened = super::with_noatime(|extra| {
-            sys::retry(|| {
-                rustix::fs::openat(
-                    dir,
-                    name,
-                    OFlags::RDONLY
-                        | OFlags::NOFOLLOW
-                        | OFlags::NONBLOCK
-                        | OFlags::NOCTTY
-                        | OFlags::CLOEXEC
-                        | extra,
-                    Mode::empty(),
-                )
-            })
-        });
+        let opened = super::open_read(dir, name);
         let fd = match opened {
             Ok(fd) => fd,
             Err(Errno::NOENT | Errno::LOOP) => return Ok(None),
@@ -486,6 +471,8 @@ fn list(fd: BorrowedFd<'_>) -> rustix::io::Result<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::super::tests::set_mtime;
+    use rustix::fs::{Mode, OFlags};
+
     use super::*;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
