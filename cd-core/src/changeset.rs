@@ -303,53 +303,8 @@ fn unlinked(kind: &EntryKind) -> EntryKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Hash;
 
-    fn p(s: &str) -> RelPath {
-        RelPath::new(s).unwrap()
-    }
-    const M: Meta = Meta {
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime_sec: 1,
-        mtime_nsec: 0,
-    };
-    fn h(n: u8) -> Hash {
-        [n; 32]
-    }
-    fn dir(path: &str) -> Entry {
-        Entry {
-            path: p(path),
-            kind: EntryKind::Dir,
-            meta: M,
-        }
-    }
-    fn file(path: &str, n: u8) -> Entry {
-        Entry {
-            path: p(path),
-            kind: EntryKind::File {
-                size: n.into(),
-                hash: h(n),
-                hardlink_to: None,
-            },
-            meta: M,
-        }
-    }
-    fn link(path: &str, target: &str, n: u8) -> Entry {
-        Entry {
-            path: p(path),
-            kind: EntryKind::File {
-                size: n.into(),
-                hash: h(n),
-                hardlink_to: Some(p(target)),
-            },
-            meta: M,
-        }
-    }
-    fn m(entries: impl IntoIterator<Item = Entry>) -> Manifest {
-        Manifest::from_entries(entries).unwrap()
-    }
+    use crate::testutil::{M, dir, file, link, m, p};
     fn apply(local: &Manifest, changes: Vec<Change>) -> Result<Manifest, ManifestError> {
         ChangeSet {
             origin: "o".into(),

@@ -1300,9 +1300,7 @@ mod tests {
     use super::*;
     use EventKind::*;
 
-    fn p(s: &str) -> RelPath {
-        RelPath::new(s).unwrap()
-    }
+    use crate::testutil::p;
     fn up(s: &str) -> PathChange {
         PathChange::Upsert { path: p(s) }
     }

@@ -883,12 +883,9 @@ fn ancestors(p: &RelPath) -> Vec<RelPath> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Meta;
     use proptest::prelude::*;
 
-    fn p(s: &str) -> RelPath {
-        RelPath::new(s).unwrap()
-    }
+    use crate::testutil::p;
     fn g(s: &str) -> Pattern {
         Pattern::glob(s).unwrap()
     }
@@ -1199,45 +1196,7 @@ mod tests {
 
     // ----- manifests ------------------------------------------------------------------
 
-    const M: Meta = Meta {
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime_sec: 1,
-        mtime_nsec: 0,
-    };
-    fn dir(path: &str) -> Entry {
-        Entry {
-            path: p(path),
-            kind: EntryKind::Dir,
-            meta: M,
-        }
-    }
-    fn file(path: &str, n: u8) -> Entry {
-        Entry {
-            path: p(path),
-            kind: EntryKind::File {
-                size: n.into(),
-                hash: [n; 32],
-                hardlink_to: None,
-            },
-            meta: M,
-        }
-    }
-    fn link(path: &str, target: &str, n: u8) -> Entry {
-        Entry {
-            path: p(path),
-            kind: EntryKind::File {
-                size: n.into(),
-                hash: [n; 32],
-                hardlink_to: Some(p(target)),
-            },
-            meta: M,
-        }
-    }
-    fn m(entries: impl IntoIterator<Item = Entry>) -> Manifest {
-        Manifest::from_entries(entries).unwrap()
-    }
+    use crate::testutil::{M, dir, file, link, m};
 
     #[test]
     fn apply_to_manifest_keeps_parents_and_repoints_hard_links() {

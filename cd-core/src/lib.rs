@@ -31,3 +31,5 @@ pub mod filter;
 pub mod manifest;
 pub mod path;
 pub mod plan;
+#[cfg(test)]
+mod testutil;

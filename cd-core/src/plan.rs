@@ -646,9 +646,7 @@ fn build<'a>(
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> RelPath {
-        RelPath::new(s).unwrap()
-    }
+    use crate::testutil::p;
     fn h(n: u8) -> Hash {
         [n; 32]
     }
