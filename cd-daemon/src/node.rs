@@ -14,11 +14,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use cd_core::coalesce::PathChange;
 use cd_proto::pb::{self, envelope::Msg};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -62,6 +63,9 @@ struct SetState {
     sent: Mutex<BTreeMap<String, u64>>,
     /// As a source: the real-time task, once started.
     realtime: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// As a source: subtrees and whole trees reconciled because events were lost.
+    rescans_subtree: AtomicU64,
+    rescans_full: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -115,6 +119,8 @@ impl Node {
                         )),
                         sent: Mutex::new(BTreeMap::new()),
                         realtime: Mutex::new(None),
+                        rescans_subtree: AtomicU64::new(0),
+                        rescans_full: AtomicU64::new(0),
                     },
                 )
             })
@@ -203,6 +209,10 @@ impl Node {
                     "targets": a.as_ref().map(|a| a.targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
                     "last_sync": *s.last_sync.lock().unwrap(),
                     "realtime": s.realtime.lock().unwrap().as_ref().is_some_and(|h| !h.is_finished()),
+                    "rescans": {
+                        "subtree": s.rescans_subtree.load(Ordering::Relaxed),
+                        "full": s.rescans_full.load(Ordering::Relaxed),
+                    },
                 })
             })
             .collect();
@@ -481,7 +491,25 @@ impl Node {
             .map(|t| t.name.clone())
             .collect();
         let mut report = pb::JobReport::default();
+        if resolved.rescanned > 0 {
+            state
+                .rescans_subtree
+                .fetch_add(resolved.rescanned, Ordering::Relaxed);
+            tracing::warn!(
+                content_set = set,
+                seq,
+                subtrees = resolved.rescanned,
+                "events were lost beneath some directories; shipping those subtrees in full"
+            );
+        }
         if resolved.full {
+            if batch
+                .changes
+                .iter()
+                .any(|c| matches!(c, PathChange::Rescan { path: None }))
+            {
+                state.rescans_full.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::info!(
                 content_set = set,
                 seq,

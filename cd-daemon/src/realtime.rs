@@ -12,12 +12,14 @@
 //! what the file holds now, hashed) into an incremental change set numbered `seq`
 //! with `base_seq = seq - 1`. A replica that did not apply `seq - 1` (it was down, it
 //! restarted, a transfer failed) answers `need_full` and gets the whole tree as change
-//! set `seq` instead, so no change is ever skipped silently. A batch that says events
-//! were lost (`Rescan`), or touches a file with several hard links, is shipped as a
-//! full reconcile too.
+//! set `seq` instead, so no change is ever skipped silently. Where events were lost
+//! beneath a directory (`Rescan` of a subtree) the batch replaces that subtree on the
+//! replica with the source's current one; where they were lost for the whole root, or
+//! a file with several hard links is touched, the batch is a full reconcile.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,37 +80,97 @@ impl Backend {
 }
 
 /// fanotify reports no "opened for writing" event, only `CLOSE_WRITE` for every
-/// descriptor that was. So for that backend a writer is inferred: a regular file
-/// created, or modified for the first time since its last close, has an open writer
-/// until its `CloseWrite`. Without this, a file being written would ship half-written.
-/// (A file created read-only never gets that close and waits for the coalescer's
-/// `open_write_max_ms` instead.)
-#[derive(Debug, Default)]
+/// descriptor that was. The watcher reports `OpenWrite` after the `Create` of a
+/// regular file (its creator holds it open). For an existing file, the first `Modify`
+/// since its last close is checked against `/proc/<pid>/fd`: if the writing process
+/// holds the file open for writing, it has a writer until its `CloseWrite`; if not
+/// (`truncate(2)` by path, or the writer already closed it and its `CloseWrite` is
+/// queued behind), the change is ready as it is. Without this a file being written
+/// would ship half-written, and one changed without an open descriptor would wait
+/// for a close that never comes.
+#[derive(Debug)]
 struct WriterInference {
     open: std::collections::HashSet<(u32, cd_core::path::RelPath)>,
+    roots: HashMap<u32, std::path::PathBuf>,
+    /// Whether process `pid` holds `path` open for writing.
+    holds_for_writing: fn(u32, &Path) -> bool,
+}
+
+impl Default for WriterInference {
+    fn default() -> Self {
+        WriterInference {
+            open: Default::default(),
+            roots: HashMap::new(),
+            holds_for_writing: proc_holds_for_writing,
+        }
+    }
+}
+
+/// Whether process `pid` has a descriptor open for writing on the file at `path`
+/// (matched by device and inode through `/proc/<pid>/fd` and `fdinfo`). False when
+/// the process or the file is gone.
+fn proc_holds_for_writing(pid: u32, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if pid == 0 {
+        return false;
+    }
+    let Ok(target) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    for fd in fds.flatten() {
+        let Ok(m) = std::fs::metadata(fd.path()) else {
+            continue;
+        };
+        if m.dev() != target.dev() || m.ino() != target.ino() {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+        if flags.is_some_and(|f| f & (libc::O_WRONLY | libc::O_RDWR) as u32 != 0) {
+            return true;
+        }
+    }
+    false
 }
 
 impl WriterInference {
     fn apply(&mut self, root: u32, ev: FsEvent, out: &mut Vec<(u32, FsEvent)>) {
-        let open_write = |p: &cd_core::path::RelPath| FsEvent {
-            kind: EventKind::OpenWrite,
-            path: Some(p.clone()),
-            path2: None,
-            is_dir: false,
-            pid: ev.pid,
-        };
         match (ev.kind, &ev.path) {
-            (EventKind::Create | EventKind::Modify, Some(p)) if !ev.is_dir => {
-                let first = self.open.insert((root, p.clone()));
-                let opener = first.then(|| open_write(p));
-                if ev.kind == EventKind::Create {
-                    out.push((root, ev));
-                    out.extend(opener.map(|o| (root, o)));
-                } else {
-                    out.extend(opener.map(|o| (root, o)));
-                    out.push((root, ev));
+            (EventKind::OpenWrite, Some(p)) => {
+                self.open.insert((root, p.clone()));
+            }
+            (EventKind::Modify, Some(p))
+                if !ev.is_dir && !self.open.contains(&(root, p.clone())) =>
+            {
+                let held = self.roots.get(&root).is_some_and(|r| {
+                    (self.holds_for_writing)(
+                        ev.pid,
+                        &r.join(std::ffi::OsStr::from_bytes(p.as_bytes())),
+                    )
+                });
+                if held {
+                    self.open.insert((root, p.clone()));
+                    out.push((
+                        root,
+                        FsEvent {
+                            kind: EventKind::OpenWrite,
+                            path: Some(p.clone()),
+                            path2: None,
+                            is_dir: false,
+                            pid: ev.pid,
+                        },
+                    ));
                 }
-                return;
             }
             (EventKind::CloseWrite | EventKind::Unlink, Some(p)) => {
                 self.open.remove(&(root, p.clone()));
@@ -254,6 +316,9 @@ impl CaptureService {
             },
         );
         self.backend.lock().unwrap().watch(root_id, root)?;
+        if let Some(w) = &self.writers {
+            w.lock().unwrap().roots.insert(root_id, root.to_path_buf());
+        }
         Ok((rx, overflowed))
     }
 
@@ -326,8 +391,11 @@ impl CaptureService {
 #[derive(Debug, Default)]
 pub struct Resolved {
     pub changes: Vec<Change>,
-    /// Ship the whole tree instead (events lost, or hard links involved).
+    /// Ship the whole tree instead (events lost for the whole root, or hard links
+    /// involved).
     pub full: bool,
+    /// Subtrees reconciled in full because events beneath them were lost.
+    pub rescanned: u64,
 }
 
 /// Resolves a coalesced batch against the disk.
@@ -349,7 +417,23 @@ pub fn resolve(
                 from: from.clone(),
                 to: to.clone(),
             }),
-            PathChange::Rescan { .. } => r.full = true,
+            // Events were lost beneath `path`: the replica's copy of that subtree is
+            // replaced by the source's as it is now. In an incremental change set that
+            // is `Remove` then `Upsert`s of everything found; the replica's planner
+            // diffs the result against its disk, so unchanged files are kept, not
+            // re-sent.
+            PathChange::Rescan { path: Some(path) } => {
+                match crate::fs::scan_subtree(root, path, index)? {
+                    None => r.changes.push(Change::Remove(path.clone())),
+                    Some(s) if s.multi_link => r.full = true,
+                    Some(s) => {
+                        r.rescanned += 1;
+                        r.changes.push(Change::Remove(path.clone()));
+                        r.changes.extend(s.entries.into_iter().map(Change::Upsert));
+                    }
+                }
+            }
+            PathChange::Rescan { path: None } => r.full = true,
         }
     }
     // A change inside a directory moves that directory's mtime on the source, and
@@ -364,7 +448,8 @@ pub fn resolve(
                 parents.extend(from.parent());
                 parents.extend(to.parent());
             }
-            PathChange::Rescan { .. } => {}
+            PathChange::Rescan { path: Some(p) } => parents.extend(p.parent()),
+            PathChange::Rescan { path: None } => {}
         }
     }
     for dir in parents {
@@ -451,10 +536,15 @@ mod tests {
     #[test]
     fn fanotify_writers_are_inferred_until_close() {
         use EventKind::*;
-        let mut w = WriterInference::default();
+        let mut w = WriterInference {
+            holds_for_writing: |_, _| true,
+            ..Default::default()
+        };
+        w.roots.insert(1, "/nonexistent".into());
         let mut out = Vec::new();
         for e in [
             ev(Create, "a"),
+            ev(OpenWrite, "a"),
             ev(Modify, "a"),
             ev(CloseWrite, "a"),
             ev(Modify, "a"),
@@ -492,5 +582,117 @@ mod tests {
             1,
             "{out:?}"
         );
+        // No process holds it (truncate(2) by path): the change is ready as it is.
+        let mut w = WriterInference {
+            holds_for_writing: |_, _| false,
+            ..Default::default()
+        };
+        w.roots.insert(1, "/nonexistent".into());
+        out.clear();
+        w.apply(1, ev(Modify, "t"), &mut out);
+        assert_eq!(kinds(&out), [s(Modify, "t")]);
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use std::io::Write;
+
+    use super::proc_holds_for_writing;
+
+    /// The /proc check sees this process's own descriptors, by mode.
+    #[test]
+    fn proc_check_tells_writers_from_readers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let me = std::process::id();
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"x").unwrap();
+        assert!(proc_holds_for_writing(me, &path));
+        drop(f);
+        let r = std::fs::File::open(&path).unwrap();
+        assert!(!proc_holds_for_writing(me, &path));
+        drop(r);
+        assert!(!proc_holds_for_writing(me, &tmp.path().join("missing")));
+        assert!(!proc_holds_for_writing(0, &path));
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use cd_core::changeset::{Change, ChangeBody, ChangeSet};
+    use cd_core::coalesce::{Batch, PathChange};
+    use cd_core::manifest::{Entry, EntryKind, Manifest, Meta};
+    use cd_core::path::RelPath;
+
+    use super::resolve;
+    use crate::fs::{HashIndex, Root};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    /// A subtree whose events were lost is replaced on the replica by what the source
+    /// holds now: entries only the replica has beneath it go, entries outside stay.
+    #[test]
+    fn lost_subtree_replaces_that_subtree_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+        std::fs::write(tmp.path().join("a/x"), b"x").unwrap();
+        std::fs::write(tmp.path().join("a/b/y"), b"y").unwrap();
+        let root = Root::open(tmp.path()).unwrap();
+        let mut index = HashIndex::new();
+        let batch = Batch {
+            changes: vec![PathChange::Rescan { path: Some(p("a")) }],
+        };
+        let r = resolve(&root, &mut index, &batch).unwrap();
+        assert!(!r.full);
+        assert_eq!(r.rescanned, 1);
+        assert_eq!(r.changes[0], Change::Remove(p("a")));
+        let upserts: Vec<String> = r.changes[1..]
+            .iter()
+            .filter_map(|c| match c {
+                Change::Upsert(e) => Some(e.path.display()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(upserts, ["a", "a/b", "a/b/y", "a/x"]);
+
+        // The replica had a stale file beneath `a` and an unrelated file beside it.
+        let meta = Meta {
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+        };
+        let dir = |path: &str| Entry {
+            path: p(path),
+            kind: EntryKind::Dir,
+            meta,
+        };
+        let file = |path: &str| Entry {
+            path: p(path),
+            kind: EntryKind::File {
+                size: 1,
+                hash: [7; 32],
+                hardlink_to: None,
+            },
+            meta,
+        };
+        let local = Manifest::from_entries([dir("a"), file("a/stale"), file("keep")]).unwrap();
+        let cs = ChangeSet {
+            origin: "src".into(),
+            seq: 2,
+            body: ChangeBody::Incremental(r.changes),
+        };
+        let want = cs.desired(&local).unwrap();
+        let got: Vec<String> = want.iter_tree().iter().map(|e| e.path.display()).collect();
+        assert_eq!(got, ["a", "a/b", "a/b/y", "a/x", "keep"]);
+
+        // A lost subtree that no longer exists on the source is removed.
+        std::fs::remove_dir_all(tmp.path().join("a")).unwrap();
+        let r = resolve(&root, &mut index, &batch).unwrap();
+        assert_eq!(r.changes, [Change::Remove(p("a"))]);
     }
 }

@@ -19,7 +19,7 @@
 //!
 //! | kernel event | [`EventKind`] |
 //! | --- | --- |
-//! | `FAN_CREATE` | `Mkdir` (with `FAN_ONDIR`), `Symlink`, `Link` (regular file whose link count is > 1 when read), else `Create` |
+//! | `FAN_CREATE` | `Mkdir` (with `FAN_ONDIR`), `Symlink`, `Link` (regular file whose link count is > 1 when read), else `Create` (and `OpenWrite` for a regular file) |
 //! | `FAN_DELETE` | `Rmdir` / `Unlink` |
 //! | `FAN_RENAME` | `Rename` (both sides in the root), `Create`/`Mkdir` (moved in from outside), `Unlink`/`Rmdir` (moved out) |
 //! | `FAN_MODIFY` | `Modify`: write, pwrite, writev, splice, copy_file_range, sendfile, io_uring write, fallocate, truncate, ftruncate, `O_TRUNC` of a non-empty file |
@@ -46,10 +46,12 @@
 //!
 //! - **No open-for-write signal.** fanotify has no "opened for writing" event;
 //!   `FAN_OPEN` fires for every open including the web server's reads, so it is not
-//!   subscribed. [`EventKind::OpenWrite`] is never produced: the first `Modify` is the
-//!   start signal and `CloseWrite` the end. A writer that opens a file and holds it
-//!   without writing is invisible until it closes (`CloseWrite` without `Modify`:
-//!   "maybe changed").
+//!   subscribed. [`EventKind::OpenWrite`] is produced only right after the `Create`
+//!   of a regular file (open(O_CREAT) created it, so its creator holds it open for
+//!   writing until `CloseWrite`); for an existing file the daemon infers the writer
+//!   from the first `Modify` (see `realtime::WriterInference`). A writer that opens a
+//!   file and holds it without writing is invisible until it closes (`CloseWrite`
+//!   without `Modify`: "maybe changed").
 //! - **mmap writes are invisible.** Stores into a `MAP_SHARED` mapping, `msync` and
 //!   `munmap` produce no event; the only signal is `CloseWrite` when the last
 //!   reference to the open file goes away (the later of `close(fd)` and `munmap`).
@@ -343,6 +345,10 @@ struct FsState {
     nested: bool,
     /// Current batch generation (see [`Node::failed_gen`]).
     batch_gen: u64,
+    /// The previous event, when it was a `FAN_RENAME` with a target handle: (old,
+    /// new, moved object). `renameat2(RENAME_EXCHANGE)` arrives as two adjacent
+    /// renames with swapped sides and different objects.
+    last_rename: Option<(DirName, DirName, Handle)>,
 }
 
 impl FsState {
@@ -532,7 +538,7 @@ enum Walk {
 // ---------------------------------------------------------------------------------
 
 /// A directory handle and an entry name in it (`"."`: the directory itself).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct DirName {
     dir: Handle,
     name: Box<[u8]>,
@@ -894,6 +900,7 @@ impl FanotifyWatcher {
             roots: Vec::new(),
             nested: false,
             batch_gen: 1,
+            last_rename: None,
         });
         let node = fs.tree.intern(&handle);
         fs.roots.push(RootEntry {
@@ -1184,6 +1191,7 @@ impl FanotifyWatcher {
         if ev.mask & libc::FAN_RENAME != 0 {
             return process_rename(fs, &mut self.ready, ev);
         }
+        fs.last_rename = None;
         let Some(at) = &ev.dir else {
             // Inode-only event on a non-directory (e.g. the link-count FAN_ATTRIB
             // of `link`): no parent, no name, nothing to report.
@@ -1225,7 +1233,7 @@ impl FanotifyWatcher {
         let deleted = ev.mask & libc::FAN_DELETE != 0;
         let create_kind = || {
             if is_dir {
-                EventKind::Mkdir
+                (EventKind::Mkdir, false)
             } else {
                 classify_created(fs, ev.child.as_ref(), at)
             }
@@ -1243,7 +1251,14 @@ impl FanotifyWatcher {
             kinds.push(del_kind);
         }
         if created && !targets.is_empty() {
-            kinds.push(create_kind());
+            let (kind, regular) = create_kind();
+            kinds.push(kind);
+            // fanotify has no "opened for writing" event. A regular file is created
+            // by open(O_CREAT): its creator holds it open for writing until the
+            // FAN_CLOSE_WRITE (merged into this event if it already happened).
+            if regular {
+                kinds.push(EventKind::OpenWrite);
+            }
         }
         if ev.mask & libc::FAN_MODIFY != 0 {
             kinds.push(EventKind::Modify);
@@ -1313,6 +1328,24 @@ fn process_rename(
     };
     let olds = side(fs, &ev.old)?;
     let news = side(fs, &ev.new)?;
+    let this = match (&ev.old, &ev.new, &ev.child) {
+        (Some(o), Some(n), Some(c)) => Some((o.clone(), n.clone(), c.clone())),
+        _ => None,
+    };
+    let exchange = matches!(
+        (&fs.last_rename, &this),
+        (Some((po, pn, pc)), Some((o, n, c))) if po == n && pn == o && pc != c
+    );
+    fs.last_rename = if exchange { None } else { this };
+    if exchange {
+        // The second half of `RENAME_EXCHANGE`: the first was reported as a rename;
+        // both names now hold each other's object, which no rename describes.
+        // Rescan both.
+        for (id, p) in olds.iter().chain(news.iter()) {
+            ready.push_back((*id, lost_event(Some(p.clone()))));
+        }
+        return Ok(());
+    }
     let mut ids: Vec<u32> = olds.iter().chain(news.iter()).map(|(id, _)| *id).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -1408,9 +1441,11 @@ fn lost_event(path: Option<RelPath>) -> FsEvent {
 }
 
 /// `Symlink`, `Link` (a regular file with more than one name) or `Create`, from
-/// the created object's own handle, or (without one) from entry `at` as it is now.
-/// Unknown (already gone) → `Create`.
-fn classify_created(fs: &FsState, child: Option<&Handle>, at: &DirName) -> EventKind {
+/// the created object's own handle, or (without one) from entry `at` as it is now,
+/// and whether it is a regular file just created (not a link to an existing one).
+/// Unknown (already gone) → `Create` of a regular file (the common case, and the
+/// safe one: it waits for its close).
+fn classify_created(fs: &FsState, child: Option<&Handle>, at: &DirName) -> (EventKind, bool) {
     let st = match child {
         Some(h) => fs
             .open_handle(h, OFlags::PATH)
@@ -1423,11 +1458,12 @@ fn classify_created(fs: &FsState, child: Option<&Handle>, at: &DirName) -> Event
     };
     match st {
         Some(st) => match FileType::from_raw_mode(st.st_mode) {
-            FileType::Symlink => EventKind::Symlink,
-            FileType::RegularFile if st.st_nlink > 1 => EventKind::Link,
-            _ => EventKind::Create,
+            FileType::Symlink => (EventKind::Symlink, false),
+            FileType::RegularFile if st.st_nlink > 1 => (EventKind::Link, false),
+            FileType::RegularFile => (EventKind::Create, true),
+            _ => (EventKind::Create, false),
         },
-        None => EventKind::Create,
+        None => (EventKind::Create, true),
     }
 }
 

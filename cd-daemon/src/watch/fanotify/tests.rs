@@ -219,7 +219,11 @@ fn cases() -> Vec<Case> {
             op: |d, _| drop(File::create(d.join("f")).unwrap()),
             expect: |c| {
                 let f = format!("{c}/f");
-                vec![ev(EventKind::Create, &f), ev(EventKind::CloseWrite, &f)]
+                vec![
+                    ev(EventKind::Create, &f),
+                    ev(EventKind::OpenWrite, &f),
+                    ev(EventKind::CloseWrite, &f),
+                ]
             },
             outside_too: true,
         },
@@ -843,8 +847,10 @@ fn nested_roots_and_unwatch() {
     got.sort_by_key(|e| format!("{e:?}"));
     let mut want = vec![
         ev(EventKind::Create, "sub/f"),
+        ev(EventKind::OpenWrite, "sub/f"),
         ev(EventKind::CloseWrite, "sub/f"),
         (9, EventKind::Create, "f".into(), None, false),
+        (9, EventKind::OpenWrite, "f".into(), None, false),
         (9, EventKind::CloseWrite, "f".into(), None, false),
     ];
     want.sort_by_key(|e| format!("{e:?}"));
@@ -856,6 +862,7 @@ fn nested_roots_and_unwatch() {
         summary(&fx.settle()),
         vec![
             ev(EventKind::Create, "sub/g"),
+            ev(EventKind::OpenWrite, "sub/g"),
             ev(EventKind::CloseWrite, "sub/g")
         ]
     );
@@ -932,6 +939,7 @@ fn without_target_fid_pairs_moves() {
         got,
         vec![
             ev(EventKind::Create, "D/e/f"),
+            ev(EventKind::OpenWrite, "D/e/f"),
             ev(EventKind::CloseWrite, "D/e/f")
         ]
     );
@@ -973,6 +981,7 @@ fn renaming_the_root_reports_lost_and_keeps_reporting() {
             vec![
                 (ROOT, EventKind::Lost, String::new(), None, true),
                 ev(EventKind::Create, "f"),
+                ev(EventKind::OpenWrite, "f"),
                 ev(EventKind::CloseWrite, "f"),
             ],
             "mode {:?}",
@@ -991,7 +1000,7 @@ fn poll_hands_out_at_most_max() {
     }
     let mut one_by_one = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
-    while one_by_one.len() < 100 {
+    while one_by_one.len() < 150 {
         let before = one_by_one.len();
         let n = fx.w.poll(&mut one_by_one, 1).unwrap();
         assert!(n <= 1 && one_by_one.len() == before + n);
@@ -1000,7 +1009,11 @@ fn poll_hands_out_at_most_max() {
     let want: Vec<Ev> = (0..50)
         .flat_map(|i| {
             let f = format!("f{i}");
-            [ev(EventKind::Create, &f), ev(EventKind::CloseWrite, &f)]
+            [
+                ev(EventKind::Create, &f),
+                ev(EventKind::OpenWrite, &f),
+                ev(EventKind::CloseWrite, &f),
+            ]
         })
         .collect();
     assert_eq!(summary(&one_by_one), want);
