@@ -9,6 +9,7 @@
 //!   foreign owners, past mtimes with nanoseconds). Same seed, same tree.
 //! - [`mutate`]: one scripted, seeded round of edits of such a tree (content, size,
 //!   renames, deletes, attributes, type changes, additions), with counts per kind.
+//! - [`fileops`]: the file-operation fidelity matrix, as real syscalls.
 //! - [`compare`]: an independent comparator of two trees: paths, types, bytes, mode,
 //!   owner, mtime, symlink targets and hard-link structure.
 //! - [`cluster`]: launches a master and nodes as real `cdd` processes on loopback,
@@ -16,6 +17,11 @@
 
 pub mod cluster;
 pub mod compare;
+#[expect(
+    unsafe_code,
+    reason = "raw syscalls under test: mmap, splice, sendfile, copy_file_range, renameat2, io_uring"
+)]
+pub mod fileops;
 pub mod mutate;
 pub mod tree;
 
