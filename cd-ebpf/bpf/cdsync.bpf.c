@@ -122,6 +122,7 @@ struct scratch {
 	char data[CD_DATA_MASK + 1 + CD_PART_MAX];
 	/* work area, never emitted */
 	struct cd_ino_key base_key;
+	__u32 kstr; /* path strings are kernel memory (io_uring's struct filename) */
 };
 
 struct wfd_key {
@@ -328,8 +329,17 @@ __noinline int match_ancestor(__u64 slot, __u64 part, __u64 off, __u64 len)
 	return 0;
 }
 
+/* Copies the NUL-terminated path string `p` to data[off..]: user memory for
+ * syscalls, kernel memory (struct filename) when s->kstr is set (io_uring). */
+static __always_inline long read_path_str(struct scratch *s, __u64 off, __u64 p)
+{
+	if (s->kstr)
+		return bpf_probe_read_kernel_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)p);
+	return bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)p);
+}
+
 /*
- * Resolve a path argument (dirfd, user string) into part `part` at data[off..].
+ * Resolve a path argument (dirfd, path string) into part `part` at data[off..].
  * Returns the new offset or a negative R_* status.
  */
 __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u64 off)
@@ -349,7 +359,8 @@ __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u6
 	s->ev.walk_len[part] = 0;
 	s->ev.str_len[part] = 0;
 	s->ev.skip[part] = 0;
-	if (bpf_probe_read_user(&c, 1, (void *)upath))
+	if (s->kstr ? bpf_probe_read_kernel(&c, 1, (void *)upath)
+		    : bpf_probe_read_user(&c, 1, (void *)upath))
 		return R_ERR;
 	if (c == '/') {
 		base = BPF_CORE_READ(task, fs, root.dentry);
@@ -369,7 +380,7 @@ __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u6
 		return r;
 	if (r >= 0) {
 		off = r;
-		n = bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)upath);
+		n = read_path_str(s, off, upath);
 		if (n <= 0)
 			return R_ERR;
 		s->ev.str_len[part] = n & 0xffff;
@@ -385,7 +396,7 @@ __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u6
 		key.ino = BPF_CORE_READ(base, d_inode, i_ino);
 		if (!bpf_map_lookup_elem(&ancestors, &key))
 			return R_NOT_WATCHED;
-		n = bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)upath);
+		n = read_path_str(s, off, upath);
 		if (n <= 0)
 			return R_ERR;
 		s->base_key = key;
@@ -454,8 +465,9 @@ __noinline int emit(__u64 slot, __u64 len)
 	return 0;
 }
 
-/* Emit an OVERFLOW record for the device stored by walk(). */
-static __always_inline void emit_overflow(__u32 slot)
+/* Turn the record in `slot` into an OVERFLOW record (no data) for the device
+ * stored by walk(). */
+static __always_inline void prep_overflow(__u32 slot)
 {
 	struct scratch *s = get_scratch(slot);
 
@@ -466,6 +478,12 @@ static __always_inline void emit_overflow(__u32 slot)
 	s->ev.walk_len[0] = s->ev.walk_len[1] = 0;
 	s->ev.str_len[0] = s->ev.str_len[1] = 0;
 	s->ev.skip[0] = s->ev.skip[1] = 0;
+}
+
+/* Emit an OVERFLOW record for the device stored by walk(). */
+static __always_inline void emit_overflow(__u32 slot)
+{
+	prep_overflow(slot);
 	emit(slot, 0);
 }
 
@@ -479,6 +497,7 @@ static __always_inline int begin_(__u32 slot, __u32 kind, __u32 flags)
 	s->ev.flags = flags;
 	s->ev.dev = 0;
 	s->ev.dfd[0] = s->ev.dfd[1] = 0;
+	s->kstr = 0;
 	return 0;
 }
 
@@ -497,15 +516,20 @@ __noinline int fd_event(__u64 slot, __u64 kind, __u64 flags, __u64 file)
 	return 0;
 }
 
-/* path-based event; part 1 only when upath2 != 0 */
-__noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64 upath2)
+/*
+ * Build the path-based record begun by begin_() in `slot`; part 1 only when
+ * upath2 != 0. Returns its data length (>= 0; an OVERFLOW record when a path was
+ * too deep) when there is something to report, or -1 (outside every root, or
+ * unreadable).
+ */
+__noinline int path_record2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64 upath2)
 {
 	struct scratch *s;
 	int r0, r1 = R_NOT_WATCHED, off;
 
 	r0 = resolve_path(slot, 0, dfd, upath, 0);
 	if (r0 == R_OVERFLOW) {
-		emit_overflow(slot);
+		prep_overflow(slot);
 		return 0;
 	}
 	off = r0 >= 0 ? r0 : 0;
@@ -514,13 +538,13 @@ __noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64
 			/* part 0 outside every root: keep no data for it */
 			s = get_scratch(slot);
 			if (!s)
-				return 0;
+				return -1;
 			s->ev.root[0] = 0;
 			s->ev.walk_len[0] = s->ev.str_len[0] = s->ev.skip[0] = 0;
 		}
 		r1 = resolve_path(slot, 1, dfd2, upath2, off);
 		if (r1 == R_OVERFLOW) {
-			emit_overflow(slot);
+			prep_overflow(slot);
 			return 0;
 		}
 		if (r1 < 0) {
@@ -528,13 +552,12 @@ __noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64
 
 			s = get_scratch(slot);
 			if (!s)
-				return 0;
+				return -1;
 			s->ev.root[1] = 0;
 			s->ev.walk_len[1] = s->ev.str_len[1] = s->ev.skip[1] = 0;
 			if (r0 >= 0) {
 				/* renamed out of the root: keep the raw target (see cdsync.h) */
-				n = bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX,
-							    (void *)upath2);
+				n = read_path_str(s, off, upath2);
 				if (n > 0) {
 					s->ev.str_len[1] = n & 0xffff;
 					off += n;
@@ -546,22 +569,26 @@ __noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64
 	} else {
 		s = get_scratch(slot);
 		if (!s)
-			return 0;
+			return -1;
 		s->ev.root[1] = 0;
 		s->ev.walk_len[1] = s->ev.str_len[1] = s->ev.skip[1] = 0;
 	}
 	if (r0 < 0 && r1 < 0)
-		return 0;
-	emit(slot, off);
-	return 0;
+		return -1;
+	return off;
 }
 
 static __always_inline int path_event(__u32 slot, __u32 kind, __u32 flags, __u64 dfd, __u64 upath,
 				      __u64 dfd2, __u64 upath2)
 {
+	int r;
+
 	if (begin_(slot, kind, flags))
 		return 0;
-	return path_event2(slot, dfd, upath, dfd2, upath2);
+	r = path_record2(slot, dfd, upath, dfd2, upath2);
+	if (r >= 0)
+		emit(slot, r);
+	return 0;
 }
 
 static __always_inline __u64 wfd_key_of(__u64 fd, struct wfd_key *k)
