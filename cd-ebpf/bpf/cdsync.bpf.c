@@ -13,6 +13,8 @@
  *                        linkat) are resolved here, while their names are alive
  *   io_uring_complete    writes, fallocate, splice, ftruncate, openat(2); the path
  *                        operations resolved at submission, on success only
+ *   io_uring_cqe_overflow path operations whose completion overflowed the CQ ring
+ *                        (newer kernels fire no io_uring_complete for those)
  *
  * Paths. fd-based events walk the file's dentry up the d_parent chain until a
  * dentry whose (s_dev, i_ino) is in `roots` (a watched root), emitting the names
@@ -232,6 +234,8 @@ struct {
 struct uring_pend {
 	__u32 state;
 	__u32 len; /* data bytes of the record */
+	__u64 ctx; /* struct io_ring_ctx *, for io_uring_cqe_overflow */
+	__u64 user_data;
 };
 
 struct uring_rec {
@@ -252,6 +256,21 @@ struct {
 	__type(key, __u64);
 	__type(value, struct uring_rec);
 } uring_recs SEC(".maps");
+
+/* the last completion seen by io_uring_complete on this CPU (see cd_uring_cqe_overflow) */
+struct uring_last {
+	__u64 ctx;
+	__u64 user_data;
+	__s64 res;
+	__u64 valid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct uring_last);
+} uring_last SEC(".maps");
 
 /* a record older than this in uring_recs is presumed leaked (its completion was
  * never seen) and may be dropped when the map is full */
@@ -1089,6 +1108,8 @@ __noinline int uring_path_submit(__u64 reqp, __u64 op)
 		return 0;
 	}
 	p.state = UP_NONE;
+	p.ctx = (__u64)BPF_CORE_READ(req, ctx);
+	p.user_data = BPF_CORE_READ(req, cqe.user_data);
 	if (r >= 0) {
 		s = get_scratch(SLOT_URING_SUBMIT);
 		if (!s)
@@ -1212,6 +1233,8 @@ SEC("tp_btf/io_uring_complete")
 int BPF_PROG(cd_uring_complete, void *ctx_, void *req_)
 {
 	struct io_kiocb *req = req_;
+	struct uring_last *last;
+	__u32 zero = 0;
 	__s32 res;
 	__u8 op;
 
@@ -1219,6 +1242,13 @@ int BPF_PROG(cd_uring_complete, void *ctx_, void *req_)
 		return 0;
 	op = BPF_CORE_READ(req, opcode);
 	res = BPF_CORE_READ(req, cqe.res);
+	last = bpf_map_lookup_elem(&uring_last, &zero);
+	if (last) {
+		last->ctx = (__u64)ctx_;
+		last->user_data = BPF_CORE_READ(req, cqe.user_data);
+		last->res = res;
+		last->valid = 1;
+	}
 	switch (op) {
 	case IOP_WRITEV:
 	case IOP_WRITE_FIXED:
@@ -1255,6 +1285,61 @@ int BPF_PROG(cd_uring_complete, void *ctx_, void *req_)
 		return 0;
 	fd_event(SLOT_URING_COMPLETE, CD_K_MODIFY, CD_F_IO_URING | (op == IOP_FTRUNCATE ? CD_F_TRUNC : 0),
 		 (__u64)BPF_CORE_READ(req, file));
+	return 0;
+}
+
+struct ovf_ctx {
+	__u64 ctx;
+	__u64 user_data;
+	__u64 key;
+	__u32 n; /* matches: 0, 1 or 2 (more than one) */
+	__u32 pad;
+};
+
+static long uring_ovf_cb(void *map, __u64 *key, struct uring_rec *rec, struct ovf_ctx *c)
+{
+	struct uring_pend *p = bpf_map_lookup_elem(&uring_pend, key);
+
+	if (p && p->ctx == c->ctx && p->user_data == c->user_data) {
+		c->n = c->n ? 2 : 1; /* saturating, so the verifier's states converge */
+		c->key = *key;
+	}
+	return 0;
+}
+
+/*
+ * io_uring_cqe_overflow(ctx, user_data, res, cflags, ocqe): a completion that did
+ * not fit in the CQ ring. Newer kernels (6.18) fire no io_uring_complete for it,
+ * so a path request inside a root is found here by (ctx, user_data). On kernels
+ * that fire both (6.1), io_uring_complete already handled it: uring_last tells.
+ */
+SEC("tp_btf/io_uring_cqe_overflow")
+int BPF_PROG(cd_uring_cqe_overflow, void *ctx_, __u64 user_data, __s32 res)
+{
+	struct ovf_ctx c = {};
+	struct uring_last *last;
+	__u32 zero = 0;
+	int seen = 0;
+
+	last = bpf_map_lookup_elem(&uring_last, &zero);
+	if (last) {
+		seen = last->valid && last->ctx == (__u64)ctx_ && last->user_data == user_data &&
+		       last->res == res;
+		last->valid = 0;
+	}
+	c.ctx = (__u64)ctx_;
+	c.user_data = user_data;
+	bpf_for_each_map_elem(&uring_recs, uring_ovf_cb, &c, 0);
+	if (c.n == 0)
+		return 0;
+	if (c.n == 1 && !seen) {
+		uring_path_complete(c.key, (__s64)res);
+		return 0;
+	}
+	/* several requests in flight share this user_data, or this completion was
+	 * already seen: which one completed is unknown */
+	if (res >= 0)
+		count_drop();
 	return 0;
 }
 

@@ -11,6 +11,7 @@
 //! | `cd_sys_exit` | `tp_btf/sys_exit` | every other file syscall, on success |
 //! | `cd_uring_submit_req`/`_sqe` | `tp_btf/io_uring_submit_req` (6.4+) or `io_uring_submit_sqe` | `IORING_OP_CLOSE`; resolves io_uring path operations |
 //! | `cd_uring_complete` | `tp_btf/io_uring_complete` | io_uring writes, fallocate, splice, ftruncate, openat(2); reports path operations |
+//! | `cd_uring_cqe_overflow` | `tp_btf/io_uring_cqe_overflow` | path operations whose completion overflowed the CQ ring |
 //!
 //! Events are filtered in the kernel: only changes below a root registered with
 //! [`Capture::watch_root`] reach user space. A full ring buffer is counted
@@ -339,6 +340,14 @@ impl Capture {
             "io_uring_submit_sqe",
         )? {
             attached.push("tp_btf/io_uring_submit_sqe".into());
+        }
+        if attach_tp(
+            &mut ebpf,
+            &btf,
+            "cd_uring_cqe_overflow",
+            "io_uring_cqe_overflow",
+        )? {
+            attached.push("tp_btf/io_uring_cqe_overflow".into());
         }
         let ring = take_map(&mut ebpf, "events")?;
         let roots_map = take_map(&mut ebpf, "roots")?;

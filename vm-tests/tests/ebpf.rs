@@ -825,6 +825,64 @@ fn io_uring_failed_unlinkat_emits_nothing() {
     assert_eq!(h.cap.drops(), 0);
 }
 
+/// More completions than the CQ ring holds: on newer kernels the overflowing ones
+/// fire `io_uring_cqe_overflow` instead of `io_uring_complete`.
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn io_uring_path_ops_overflowing_the_cq_ring() {
+    const N: usize = 6;
+    let mut h = Harness::new(1 << 20);
+    let root = h.root();
+    h.drain();
+    let dir = File::open(&root).unwrap();
+    let names: Vec<CString> = (0..N)
+        .map(|i| CString::new(format!("ovf{i}")).unwrap())
+        .collect();
+    let mut ring: io_uring::IoUring = io_uring::IoUring::builder()
+        .setup_cqsize(2)
+        .build(1)
+        .unwrap();
+    for (i, n) in names.iter().enumerate() {
+        let sqe = io_uring::opcode::MkDirAt::new(io_uring::types::Fd(dir.as_raw_fd()), n.as_ptr())
+            .mode(0o755)
+            .build()
+            .user_data(i as u64);
+        // SAFETY: `dir` and `names` outlive the ring; we wait for every completion.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit().unwrap();
+    }
+    // Let every operation finish (they run in io-wq) before reaping anything.
+    let deadline = Instant::now() + TIMEOUT;
+    while !(0..N).all(|i| root.join(format!("ovf{i}")).is_dir()) {
+        assert!(Instant::now() < deadline, "io_uring mkdirat never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut done = 0;
+    let mut overflowed = false;
+    while done < N {
+        overflowed |= ring.submission().cq_overflow();
+        ring.submit_and_wait(1).unwrap();
+        for cqe in ring.completion() {
+            assert_eq!(cqe.result(), 0, "io_uring mkdirat");
+            done += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "completions missing: {done} of {N}"
+        );
+    }
+    eprintln!("CQ ring overflowed: {overflowed}");
+    h.wait("a Mkdir per request", |ev| {
+        (0..N).all(|i| {
+            let p = format!("ovf{i}");
+            ev.iter().any(|e| {
+                e.event.kind == EventKind::Mkdir && path_of(e).as_deref() == Some(p.as_str())
+            })
+        })
+    });
+    assert_eq!(h.cap.drops(), 0);
+}
+
 /// `IOSQE_CQE_SKIP_SUCCESS`: no completion will report the operation, so it is
 /// reported lost right away rather than silently missed.
 #[test]
