@@ -8,8 +8,13 @@
  *                        read back from the syscall's saved pt_regs (x86_64 never
  *                        rewrites the argument registers of these syscalls), so no
  *                        per-thread enter->exit map is needed.
- *   io_uring_submit_req  (6.4+) / io_uring_submit_sqe (5.19..6.3): IORING_OP_CLOSE
- *   io_uring_complete    writes, fallocate, splice, ftruncate, openat(2)
+ *   io_uring_submit_req  (6.4+) / io_uring_submit_sqe (5.19..6.3): IORING_OP_CLOSE;
+ *                        path operations (renameat, unlinkat, mkdirat, symlinkat,
+ *                        linkat) are resolved here, while their names are alive
+ *   io_uring_complete    writes, fallocate, splice, ftruncate, openat(2); the path
+ *                        operations resolved at submission, on success only
+ *   io_uring_cqe_overflow path operations whose completion overflowed the CQ ring
+ *                        (newer kernels fire no io_uring_complete for those)
  *
  * Paths. fd-based events walk the file's dentry up the d_parent chain until a
  * dentry whose (s_dev, i_ino) is in `roots` (a watched root), emitting the names
@@ -22,6 +27,13 @@
  * one (e.g. "/" for absolute paths, or cwd=/srv for "www/a"), the `ancestors` map
  * holds the root's path relative to it and the string is prefix-matched in the
  * kernel. Anything that is not inside a watched root is dropped here.
+ *
+ * io_uring path operations run later, in io-wq, and by their completion the
+ * kernel has freed their struct filename. So they are resolved the same way at
+ * submission, from the kernel copies of the names (prep has run), kept in
+ * `uring_recs` and emitted at the completion if it succeeded. Whenever such a
+ * record cannot be kept or matched to its completion, `drops` is bumped so user
+ * space reports the loss.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -107,8 +119,16 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define IOP_WRITE 23
 #define IOP_OPENAT2 28
 #define IOP_SPLICE 30
+#define IOP_RENAMEAT 35
+#define IOP_UNLINKAT 36
+#define IOP_MKDIRAT 37
+#define IOP_SYMLINKAT 38
+#define IOP_LINKAT 39
 #define IOP_FTRUNCATE 55
 #define IOP_WRITEV_FIXED 61
+
+/* REQ_F_CQE_SKIP_BIT = IOSQE_CQE_SKIP_SUCCESS_BIT (UAPI) in every kernel that has it */
+#define REQ_F_CQE_SKIP 0x40
 
 /* scratch slots: one per attach context so nested programs never share */
 #define SLOT_SYS 0
@@ -122,6 +142,7 @@ struct scratch {
 	char data[CD_DATA_MASK + 1 + CD_PART_MAX];
 	/* work area, never emitted */
 	struct cd_ino_key base_key;
+	__u32 kstr; /* path strings are kernel memory (io_uring's struct filename) */
 };
 
 struct wfd_key {
@@ -198,6 +219,62 @@ struct {
 	__type(key, struct wfd_key);
 	__type(value, struct wfd_val);
 } wfds SEC(".maps");
+
+/*
+ * io_uring path operations (renameat, unlinkat, mkdirat, symlinkat, linkat) are
+ * resolved at submission, while the request's struct filename strings are alive,
+ * and reported at their completion, after the operation happened and only if it
+ * succeeded. Every such request in flight has a `uring_pend` entry (LRU: a few
+ * bytes each); those inside a root also keep their finished record in
+ * `uring_recs`, keyed by the request pointer.
+ */
+#define UP_NONE 0 /* nothing to report (outside every root) */
+#define UP_REC 1  /* the record is in uring_recs */
+
+struct uring_pend {
+	__u32 state;
+	__u32 len; /* data bytes of the record */
+	__u64 ctx; /* struct io_ring_ctx *, for io_uring_cqe_overflow */
+	__u64 user_data;
+};
+
+struct uring_rec {
+	struct cd_event ev; /* ts_ns = submission time until emitted (uring_gc_cb) */
+	char data[CD_DATA_MASK + 1];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct uring_pend);
+} uring_pend SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, struct uring_rec);
+} uring_recs SEC(".maps");
+
+/* the last completion seen by io_uring_complete on this CPU (see cd_uring_cqe_overflow) */
+struct uring_last {
+	__u64 ctx;
+	__u64 user_data;
+	__s64 res;
+	__u64 valid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct uring_last);
+} uring_last SEC(".maps");
+
+/* a record older than this in uring_recs is presumed leaked (its completion was
+ * never seen) and may be dropped when the map is full */
+#define URING_STALE_NS (60ULL * 1000000000ULL)
 
 /* status codes of the resolvers (>= 0 means "new data offset") */
 #define R_NOT_WATCHED -1
@@ -328,8 +405,17 @@ __noinline int match_ancestor(__u64 slot, __u64 part, __u64 off, __u64 len)
 	return 0;
 }
 
+/* Copies the NUL-terminated path string `p` to data[off..]: user memory for
+ * syscalls, kernel memory (struct filename) when s->kstr is set (io_uring). */
+static __always_inline long read_path_str(struct scratch *s, __u64 off, __u64 p)
+{
+	if (s->kstr)
+		return bpf_probe_read_kernel_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)p);
+	return bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)p);
+}
+
 /*
- * Resolve a path argument (dirfd, user string) into part `part` at data[off..].
+ * Resolve a path argument (dirfd, path string) into part `part` at data[off..].
  * Returns the new offset or a negative R_* status.
  */
 __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u64 off)
@@ -349,7 +435,8 @@ __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u6
 	s->ev.walk_len[part] = 0;
 	s->ev.str_len[part] = 0;
 	s->ev.skip[part] = 0;
-	if (bpf_probe_read_user(&c, 1, (void *)upath))
+	if (s->kstr ? bpf_probe_read_kernel(&c, 1, (void *)upath)
+		    : bpf_probe_read_user(&c, 1, (void *)upath))
 		return R_ERR;
 	if (c == '/') {
 		base = BPF_CORE_READ(task, fs, root.dentry);
@@ -369,7 +456,7 @@ __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u6
 		return r;
 	if (r >= 0) {
 		off = r;
-		n = bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)upath);
+		n = read_path_str(s, off, upath);
 		if (n <= 0)
 			return R_ERR;
 		s->ev.str_len[part] = n & 0xffff;
@@ -385,7 +472,7 @@ __noinline int resolve_path(__u64 slot, __u64 part, __u64 dfd, __u64 upath, __u6
 		key.ino = BPF_CORE_READ(base, d_inode, i_ino);
 		if (!bpf_map_lookup_elem(&ancestors, &key))
 			return R_NOT_WATCHED;
-		n = bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX, (void *)upath);
+		n = read_path_str(s, off, upath);
 		if (n <= 0)
 			return R_ERR;
 		s->base_key = key;
@@ -454,8 +541,19 @@ __noinline int emit(__u64 slot, __u64 len)
 	return 0;
 }
 
-/* Emit an OVERFLOW record for the device stored by walk(). */
-static __always_inline void emit_overflow(__u32 slot)
+/* Count a record that was lost: user space reports Lost for every root. */
+static __always_inline void count_drop(void)
+{
+	__u32 zero = 0;
+	__u64 *drop = bpf_map_lookup_elem(&drops, &zero);
+
+	if (drop)
+		__sync_fetch_and_add(drop, 1);
+}
+
+/* Turn the record in `slot` into an OVERFLOW record (no data) for the device
+ * stored by walk(). */
+static __always_inline void prep_overflow(__u32 slot)
 {
 	struct scratch *s = get_scratch(slot);
 
@@ -466,6 +564,12 @@ static __always_inline void emit_overflow(__u32 slot)
 	s->ev.walk_len[0] = s->ev.walk_len[1] = 0;
 	s->ev.str_len[0] = s->ev.str_len[1] = 0;
 	s->ev.skip[0] = s->ev.skip[1] = 0;
+}
+
+/* Emit an OVERFLOW record for the device stored by walk(). */
+static __always_inline void emit_overflow(__u32 slot)
+{
+	prep_overflow(slot);
 	emit(slot, 0);
 }
 
@@ -479,6 +583,7 @@ static __always_inline int begin_(__u32 slot, __u32 kind, __u32 flags)
 	s->ev.flags = flags;
 	s->ev.dev = 0;
 	s->ev.dfd[0] = s->ev.dfd[1] = 0;
+	s->kstr = 0;
 	return 0;
 }
 
@@ -497,15 +602,20 @@ __noinline int fd_event(__u64 slot, __u64 kind, __u64 flags, __u64 file)
 	return 0;
 }
 
-/* path-based event; part 1 only when upath2 != 0 */
-__noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64 upath2)
+/*
+ * Build the path-based record begun by begin_() in `slot`; part 1 only when
+ * upath2 != 0. Returns its data length (>= 0; an OVERFLOW record when a path was
+ * too deep) when there is something to report, or -1 (outside every root, or
+ * unreadable).
+ */
+__noinline int path_record2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64 upath2)
 {
 	struct scratch *s;
 	int r0, r1 = R_NOT_WATCHED, off;
 
 	r0 = resolve_path(slot, 0, dfd, upath, 0);
 	if (r0 == R_OVERFLOW) {
-		emit_overflow(slot);
+		prep_overflow(slot);
 		return 0;
 	}
 	off = r0 >= 0 ? r0 : 0;
@@ -514,13 +624,13 @@ __noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64
 			/* part 0 outside every root: keep no data for it */
 			s = get_scratch(slot);
 			if (!s)
-				return 0;
+				return -1;
 			s->ev.root[0] = 0;
 			s->ev.walk_len[0] = s->ev.str_len[0] = s->ev.skip[0] = 0;
 		}
 		r1 = resolve_path(slot, 1, dfd2, upath2, off);
 		if (r1 == R_OVERFLOW) {
-			emit_overflow(slot);
+			prep_overflow(slot);
 			return 0;
 		}
 		if (r1 < 0) {
@@ -528,13 +638,12 @@ __noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64
 
 			s = get_scratch(slot);
 			if (!s)
-				return 0;
+				return -1;
 			s->ev.root[1] = 0;
 			s->ev.walk_len[1] = s->ev.str_len[1] = s->ev.skip[1] = 0;
 			if (r0 >= 0) {
 				/* renamed out of the root: keep the raw target (see cdsync.h) */
-				n = bpf_probe_read_user_str(&s->data[off & CD_DATA_MASK], CD_PART_MAX,
-							    (void *)upath2);
+				n = read_path_str(s, off, upath2);
 				if (n > 0) {
 					s->ev.str_len[1] = n & 0xffff;
 					off += n;
@@ -546,22 +655,26 @@ __noinline int path_event2(__u64 slot, __u64 dfd, __u64 upath, __u64 dfd2, __u64
 	} else {
 		s = get_scratch(slot);
 		if (!s)
-			return 0;
+			return -1;
 		s->ev.root[1] = 0;
 		s->ev.walk_len[1] = s->ev.str_len[1] = s->ev.skip[1] = 0;
 	}
 	if (r0 < 0 && r1 < 0)
-		return 0;
-	emit(slot, off);
-	return 0;
+		return -1;
+	return off;
 }
 
 static __always_inline int path_event(__u32 slot, __u32 kind, __u32 flags, __u64 dfd, __u64 upath,
 				      __u64 dfd2, __u64 upath2)
 {
+	int r;
+
 	if (begin_(slot, kind, flags))
 		return 0;
-	return path_event2(slot, dfd, upath, dfd2, upath2);
+	r = path_record2(slot, dfd, upath, dfd2, upath2);
+	if (r >= 0)
+		emit(slot, r);
+	return 0;
 }
 
 static __always_inline __u64 wfd_key_of(__u64 fd, struct wfd_key *k)
@@ -857,7 +970,234 @@ int BPF_PROG(cd_sys_exit, struct pt_regs *regs, long ret)
 
 /* ---- io_uring ---------------------------------------------------------- */
 
-static __always_inline int uring_submit(struct io_kiocb *req)
+/*
+ * Path fields of the io_uring path requests. Up to 6.x they are `struct filename *`;
+ * later kernels wrap them in `struct delayed_filename` (one pointer). Both layouts
+ * are matched by CO-RE; a kernel with neither yields 0 (reported as a loss).
+ */
+struct delayed_filename___cd {
+	struct filename *__incomplete_filename;
+};
+
+struct io_rename___dly {
+	struct delayed_filename___cd oldpath;
+	struct delayed_filename___cd newpath;
+};
+
+struct io_unlink___dly {
+	struct delayed_filename___cd filename;
+};
+
+struct io_mkdir___dly {
+	struct delayed_filename___cd filename;
+};
+
+struct io_link___dly {
+	struct delayed_filename___cd oldpath;
+	struct delayed_filename___cd newpath;
+};
+
+#define URING_FILENAME(cmd, type, field)                                                   \
+	({                                                                                 \
+		struct filename *__f = 0;                                                  \
+		if (bpf_core_field_exists(struct type##___dly, field))                     \
+			__f = BPF_CORE_READ((struct type##___dly *)(cmd),                  \
+					    field.__incomplete_filename);                  \
+		else if (bpf_core_field_exists(struct type, field))                        \
+			__f = BPF_CORE_READ((struct type *)(cmd), field);                  \
+		__f ? (__u64)BPF_CORE_READ(__f, name) : 0;                                 \
+	})
+
+/* req->flags is 32 bits up to 6.3 and 64 since; the low word holds REQ_F_CQE_SKIP */
+static __always_inline __u32 req_flags_lo(struct io_kiocb *req)
+{
+	__u32 v = 0;
+
+	bpf_probe_read_kernel(&v, sizeof(v), (char *)req + bpf_core_field_offset(req->flags));
+	return v;
+}
+
+struct gc_ctx {
+	__u64 now;
+};
+
+static long uring_gc_cb(void *map, __u64 *key, struct uring_rec *rec, struct gc_ctx *c)
+{
+	if (c->now - rec->ev.ts_ns > URING_STALE_NS)
+		bpf_map_delete_elem(&uring_recs, key);
+	return 0;
+}
+
+/*
+ * An io_uring path request was submitted (prep done: its names are kernel strings).
+ * Resolve its record now and keep it until the completion.
+ */
+__noinline int uring_path_submit(__u64 reqp, __u64 op)
+{
+	struct io_kiocb *req = (struct io_kiocb *)reqp;
+	void *cmd = &req->cmd;
+	struct uring_pend p = {};
+	struct scratch *s;
+	__u64 key = reqp, n0 = 0, n1 = 0, id;
+	__s32 d0 = AT_FDCWD, d1 = AT_FDCWD;
+	__u32 kind, flags = CD_F_IO_URING;
+	int r;
+
+	switch (op) {
+	case IOP_RENAMEAT:
+		kind = CD_K_RENAME;
+		if (BPF_CORE_READ((struct io_rename *)cmd, flags) & RENAME_EXCHANGE)
+			flags |= CD_F_EXCHANGE;
+		d0 = BPF_CORE_READ((struct io_rename *)cmd, old_dfd);
+		d1 = BPF_CORE_READ((struct io_rename *)cmd, new_dfd);
+		n0 = URING_FILENAME(cmd, io_rename, oldpath);
+		n1 = URING_FILENAME(cmd, io_rename, newpath);
+		if (!n1)
+			n0 = 0;
+		break;
+	case IOP_UNLINKAT:
+		kind = CD_K_UNLINK;
+		if (BPF_CORE_READ((struct io_unlink *)cmd, flags) & AT_REMOVEDIR) {
+			kind = CD_K_RMDIR;
+			flags |= CD_F_DIR | CD_F_DIR_KNOWN;
+		}
+		d0 = BPF_CORE_READ((struct io_unlink *)cmd, dfd);
+		n0 = URING_FILENAME(cmd, io_unlink, filename);
+		break;
+	case IOP_MKDIRAT:
+		kind = CD_K_MKDIR;
+		flags |= CD_F_DIR | CD_F_DIR_KNOWN;
+		d0 = BPF_CORE_READ((struct io_mkdir *)cmd, dfd);
+		n0 = URING_FILENAME(cmd, io_mkdir, filename);
+		break;
+	case IOP_SYMLINKAT:
+		/* symlinkat(target = oldpath, new_dfd, linkpath = newpath) */
+		kind = CD_K_SYMLINK;
+		flags |= CD_F_DIR_KNOWN;
+		d0 = BPF_CORE_READ((struct io_link *)cmd, new_dfd);
+		n0 = URING_FILENAME(cmd, io_link, newpath);
+		break;
+	case IOP_LINKAT:
+		kind = CD_K_LINK;
+		flags |= CD_F_DIR_KNOWN;
+		d0 = BPF_CORE_READ((struct io_link *)cmd, new_dfd);
+		n0 = URING_FILENAME(cmd, io_link, newpath);
+		break;
+	default:
+		return 0;
+	}
+
+	if (!n0) {
+		/* layout not understood: whether it touches a root is unknown */
+		count_drop();
+		return 0;
+	}
+	r = -1;
+	if (!begin_(SLOT_URING_SUBMIT, kind, flags)) {
+		s = get_scratch(SLOT_URING_SUBMIT);
+		if (!s)
+			return 0;
+		s->kstr = 1;
+		r = path_record2(SLOT_URING_SUBMIT, d0, n0, d1, n1);
+	}
+	if (req_flags_lo(req) & REQ_F_CQE_SKIP) {
+		/* IOSQE_CQE_SKIP_SUCCESS: a success posts no completion, so none would
+		 * report this one: report it lost now (user space rescans the root). */
+		if (r >= 0)
+			count_drop();
+		return 0;
+	}
+	p.state = UP_NONE;
+	p.ctx = (__u64)BPF_CORE_READ(req, ctx);
+	p.user_data = BPF_CORE_READ(req, cqe.user_data);
+	if (r >= 0) {
+		s = get_scratch(SLOT_URING_SUBMIT);
+		if (!s)
+			return 0;
+		id = bpf_get_current_pid_tgid();
+		s->ev.pid = id >> 32;
+		s->ev.tid = (__u32)id;
+		s->ev.seq = 0;
+		s->ev.ts_ns = bpf_ktime_get_ns();
+		if (bpf_map_update_elem(&uring_recs, &key, &s->ev, BPF_ANY)) {
+			struct gc_ctx c = { .now = s->ev.ts_ns };
+
+			bpf_for_each_map_elem(&uring_recs, uring_gc_cb, &c, 0);
+			if (bpf_map_update_elem(&uring_recs, &key, &s->ev, BPF_ANY)) {
+				count_drop();
+				r = -1;
+			}
+		}
+		if (r >= 0) {
+			p.state = UP_REC;
+			p.len = r;
+		}
+	}
+	bpf_map_update_elem(&uring_pend, &key, &p, BPF_ANY);
+	return 0;
+}
+
+/* Emit the stored record of request `key` (its data is `len` bytes). */
+static __always_inline void emit_rec(__u64 key, __u64 len)
+{
+	struct uring_rec *rec = bpf_map_lookup_elem(&uring_recs, &key);
+	__u32 zero = 0;
+	__u64 *seq;
+
+	if (!rec) {
+		count_drop(); /* dropped by uring_gc_cb */
+		return;
+	}
+	seq = bpf_map_lookup_elem(&seqctr, &zero);
+	if (seq)
+		rec->ev.seq = __sync_fetch_and_add(seq, 1);
+	rec->ev.ts_ns = bpf_ktime_get_ns();
+	if (len > CD_DATA_MASK + 1)
+		len = CD_DATA_MASK + 1;
+	if (bpf_ringbuf_output(&events, rec, sizeof(struct cd_event) + len, 0))
+		count_drop();
+}
+
+/* The completion of io_uring path request `reqp` with result `res`. */
+__noinline int uring_path_complete(__u64 reqp, __u64 res)
+{
+	__u64 key = reqp;
+	struct uring_pend *p = bpf_map_lookup_elem(&uring_pend, &key);
+	__u32 state, len;
+
+	if (!p) {
+		/* submitted before we attached, or evicted: unknown, so lost */
+		if ((__s64)res >= 0)
+			count_drop();
+		bpf_map_delete_elem(&uring_recs, &key);
+		return 0;
+	}
+	state = p->state;
+	len = p->len;
+	bpf_map_delete_elem(&uring_pend, &key);
+	if ((__s64)res >= 0 && state == UP_REC)
+		emit_rec(key, len);
+	bpf_map_delete_elem(&uring_recs, &key);
+	return 0;
+}
+
+static __always_inline int is_path_op(__u8 op)
+{
+	return op == IOP_RENAMEAT || op == IOP_UNLINKAT || op == IOP_MKDIRAT || op == IOP_SYMLINKAT ||
+	       op == IOP_LINKAT;
+}
+
+/* Tracepoint argument `i` as a plain number: the verifier lets global functions
+ * take no kernel pointers, so they get the request's address this way. */
+static __always_inline __u64 arg_scalar(unsigned long long *ctx, __u32 i)
+{
+	__u64 v = 0;
+
+	bpf_probe_read_kernel(&v, sizeof(v), &ctx[i]);
+	return v;
+}
+
+static __always_inline int uring_submit(unsigned long long *ctx, struct io_kiocb *req)
 {
 	__u8 op = BPF_CORE_READ(req, opcode);
 
@@ -867,6 +1207,8 @@ static __always_inline int uring_submit(struct io_kiocb *req)
 		__u32 slot_no = BPF_CORE_READ(c, file_slot);
 		if (!slot_no)
 			close_fd(SLOT_URING_SUBMIT, fd, CD_F_IO_URING);
+	} else if (is_path_op(op)) {
+		uring_path_submit(arg_scalar(ctx, 0), op);
 	}
 	return 0;
 }
@@ -875,14 +1217,14 @@ static __always_inline int uring_submit(struct io_kiocb *req)
 SEC("tp_btf/io_uring_submit_req")
 int BPF_PROG(cd_uring_submit_req, void *req)
 {
-	return uring_submit((struct io_kiocb *)req);
+	return uring_submit(ctx, (struct io_kiocb *)req);
 }
 
 /* 5.19..6.3: io_uring_submit_sqe(struct io_kiocb *req, bool force_nonblock) */
 SEC("tp_btf/io_uring_submit_sqe")
 int BPF_PROG(cd_uring_submit_sqe, void *req)
 {
-	return uring_submit((struct io_kiocb *)req);
+	return uring_submit(ctx, (struct io_kiocb *)req);
 }
 
 /* io_uring_complete(ctx, req, ...): `req` is the second argument on 5.19..6.18+;
@@ -891,12 +1233,22 @@ SEC("tp_btf/io_uring_complete")
 int BPF_PROG(cd_uring_complete, void *ctx_, void *req_)
 {
 	struct io_kiocb *req = req_;
+	struct uring_last *last;
+	__u32 zero = 0;
 	__s32 res;
 	__u8 op;
 
 	if (!req)
 		return 0;
 	op = BPF_CORE_READ(req, opcode);
+	res = BPF_CORE_READ(req, cqe.res);
+	last = bpf_map_lookup_elem(&uring_last, &zero);
+	if (last) {
+		last->ctx = (__u64)ctx_;
+		last->user_data = BPF_CORE_READ(req, cqe.user_data);
+		last->res = res;
+		last->valid = 1;
+	}
 	switch (op) {
 	case IOP_WRITEV:
 	case IOP_WRITE_FIXED:
@@ -908,10 +1260,16 @@ int BPF_PROG(cd_uring_complete, void *ctx_, void *req_)
 	case IOP_OPENAT:
 	case IOP_OPENAT2:
 		break;
+	case IOP_RENAMEAT:
+	case IOP_UNLINKAT:
+	case IOP_MKDIRAT:
+	case IOP_SYMLINKAT:
+	case IOP_LINKAT:
+		uring_path_complete(arg_scalar(ctx, 1), (__s64)res);
+		return 0;
 	default:
 		return 0;
 	}
-	res = BPF_CORE_READ(req, cqe.res);
 	if (res < 0)
 		return 0;
 	if (op == IOP_OPENAT || op == IOP_OPENAT2) {
@@ -927,6 +1285,61 @@ int BPF_PROG(cd_uring_complete, void *ctx_, void *req_)
 		return 0;
 	fd_event(SLOT_URING_COMPLETE, CD_K_MODIFY, CD_F_IO_URING | (op == IOP_FTRUNCATE ? CD_F_TRUNC : 0),
 		 (__u64)BPF_CORE_READ(req, file));
+	return 0;
+}
+
+struct ovf_ctx {
+	__u64 ctx;
+	__u64 user_data;
+	__u64 key;
+	__u32 n; /* matches: 0, 1 or 2 (more than one) */
+	__u32 pad;
+};
+
+static long uring_ovf_cb(void *map, __u64 *key, struct uring_rec *rec, struct ovf_ctx *c)
+{
+	struct uring_pend *p = bpf_map_lookup_elem(&uring_pend, key);
+
+	if (p && p->ctx == c->ctx && p->user_data == c->user_data) {
+		c->n = c->n ? 2 : 1; /* saturating, so the verifier's states converge */
+		c->key = *key;
+	}
+	return 0;
+}
+
+/*
+ * io_uring_cqe_overflow(ctx, user_data, res, cflags, ocqe): a completion that did
+ * not fit in the CQ ring. Newer kernels (6.18) fire no io_uring_complete for it,
+ * so a path request inside a root is found here by (ctx, user_data). On kernels
+ * that fire both (6.1), io_uring_complete already handled it: uring_last tells.
+ */
+SEC("tp_btf/io_uring_cqe_overflow")
+int BPF_PROG(cd_uring_cqe_overflow, void *ctx_, __u64 user_data, __s32 res)
+{
+	struct ovf_ctx c = {};
+	struct uring_last *last;
+	__u32 zero = 0;
+	int seen = 0;
+
+	last = bpf_map_lookup_elem(&uring_last, &zero);
+	if (last) {
+		seen = last->valid && last->ctx == (__u64)ctx_ && last->user_data == user_data &&
+		       last->res == res;
+		last->valid = 0;
+	}
+	c.ctx = (__u64)ctx_;
+	c.user_data = user_data;
+	bpf_for_each_map_elem(&uring_recs, uring_ovf_cb, &c, 0);
+	if (c.n == 0)
+		return 0;
+	if (c.n == 1 && !seen) {
+		uring_path_complete(c.key, (__s64)res);
+		return 0;
+	}
+	/* several requests in flight share this user_data, or this completion was
+	 * already seen: which one completed is unknown */
+	if (res >= 0)
+		count_drop();
 	return 0;
 }
 

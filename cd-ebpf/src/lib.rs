@@ -9,8 +9,9 @@
 //! |---|---|---|
 //! | `cd_sys_enter` | `tp_btf/sys_enter` | `close` of fds recorded as opened for write |
 //! | `cd_sys_exit` | `tp_btf/sys_exit` | every other file syscall, on success |
-//! | `cd_uring_submit_req`/`_sqe` | `tp_btf/io_uring_submit_req` (6.4+) or `io_uring_submit_sqe` | `IORING_OP_CLOSE` |
-//! | `cd_uring_complete` | `tp_btf/io_uring_complete` | io_uring writes, fallocate, splice, ftruncate, openat(2) |
+//! | `cd_uring_submit_req`/`_sqe` | `tp_btf/io_uring_submit_req` (6.4+) or `io_uring_submit_sqe` | `IORING_OP_CLOSE`; resolves io_uring path operations |
+//! | `cd_uring_complete` | `tp_btf/io_uring_complete` | io_uring writes, fallocate, splice, ftruncate, openat(2); reports path operations |
+//! | `cd_uring_cqe_overflow` | `tp_btf/io_uring_cqe_overflow` | path operations whose completion overflowed the CQ ring |
 //!
 //! Events are filtered in the kernel: only changes below a root registered with
 //! [`Capture::watch_root`] reach user space. A full ring buffer is counted
@@ -39,9 +40,12 @@
 //! - `Modify` is rate-limited in the kernel to one per (process, fd) per second;
 //!   `OpenWrite`/`CloseWrite` bracket the writes. No `CloseWrite` for fds closed by
 //!   `close_range`, `dup2` or process exit.
-//! - io_uring: writes, fallocate, splice, ftruncate, openat/openat2 and close are
-//!   captured; the path operations (renameat, unlinkat, mkdirat, symlinkat,
-//!   linkat) and direct (fixed-file) opens are not yet.
+//! - io_uring: writes, fallocate, splice, ftruncate, openat/openat2, close and the
+//!   path operations (renameat, unlinkat, mkdirat, symlinkat, linkat) are
+//!   captured; direct (fixed-file) opens are not. A path operation is resolved
+//!   when it is submitted and reported when it completes successfully; one
+//!   submitted with `IOSQE_CQE_SKIP_SUCCESS` has no completion to wait for and is
+//!   reported as `Lost` at submission (the rescan may run before it finished).
 //! - `is_dir` of a rename comes from `lstat` of the new path (through
 //!   `/proc/<pid>/{cwd,root,fd}` when it left the root), so it is best effort.
 
@@ -336,6 +340,14 @@ impl Capture {
             "io_uring_submit_sqe",
         )? {
             attached.push("tp_btf/io_uring_submit_sqe".into());
+        }
+        if attach_tp(
+            &mut ebpf,
+            &btf,
+            "cd_uring_cqe_overflow",
+            "io_uring_cqe_overflow",
+        )? {
+            attached.push("tp_btf/io_uring_cqe_overflow".into());
         }
         let ring = take_map(&mut ebpf, "events")?;
         let roots_map = take_map(&mut ebpf, "roots")?;

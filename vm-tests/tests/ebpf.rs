@@ -215,6 +215,88 @@ fn uring_openat(path: &Path) {
     assert_eq!(cqe.result(), 0, "io_uring close");
 }
 
+/// Runs one io_uring request to completion on a fresh ring and returns its result.
+///
+/// # Safety
+/// Every buffer `sqe` points to must stay valid until this returns.
+unsafe fn uring_run(sqe: io_uring::squeue::Entry) -> i32 {
+    let mut ring = io_uring::IoUring::new(8).unwrap();
+    // SAFETY: the caller keeps the buffers alive; we wait for the completion.
+    unsafe { ring.submission().push(&sqe).unwrap() };
+    ring.submit_and_wait(1).unwrap();
+    ring.completion().next().unwrap().result()
+}
+
+const AT_FDCWD: io_uring::types::Fd = io_uring::types::Fd(libc::AT_FDCWD);
+
+fn uring_renameat(from: &Path, to: &Path, flags: u32) {
+    let (a, b) = (cstr(from), cstr(to));
+    let sqe = io_uring::opcode::RenameAt::new(AT_FDCWD, a.as_ptr(), AT_FDCWD, b.as_ptr())
+        .flags(flags)
+        .build();
+    // SAFETY: `a` and `b` outlive the call.
+    let r = unsafe { uring_run(sqe) };
+    assert_eq!(
+        r,
+        0,
+        "io_uring renameat: {}",
+        std::io::Error::from_raw_os_error(-r)
+    );
+}
+
+/// io_uring unlinkat relative to an open directory fd.
+fn uring_unlinkat(dir: &Path, name: &str, flags: i32) -> i32 {
+    let d = File::open(dir).unwrap();
+    let n = CString::new(name).unwrap();
+    let sqe = io_uring::opcode::UnlinkAt::new(io_uring::types::Fd(d.as_raw_fd()), n.as_ptr())
+        .flags(flags)
+        .build();
+    // SAFETY: `d` and `n` outlive the call.
+    unsafe { uring_run(sqe) }
+}
+
+fn uring_mkdirat(dir: &Path, name: &str) {
+    let d = File::open(dir).unwrap();
+    let n = CString::new(name).unwrap();
+    let sqe = io_uring::opcode::MkDirAt::new(io_uring::types::Fd(d.as_raw_fd()), n.as_ptr())
+        .mode(0o755)
+        .build();
+    // SAFETY: `d` and `n` outlive the call.
+    let r = unsafe { uring_run(sqe) };
+    assert_eq!(
+        r,
+        0,
+        "io_uring mkdirat: {}",
+        std::io::Error::from_raw_os_error(-r)
+    );
+}
+
+fn uring_symlinkat(target: &str, link: &Path) {
+    let (t, l) = (CString::new(target).unwrap(), cstr(link));
+    let sqe = io_uring::opcode::SymlinkAt::new(AT_FDCWD, t.as_ptr(), l.as_ptr()).build();
+    // SAFETY: `t` and `l` outlive the call.
+    let r = unsafe { uring_run(sqe) };
+    assert_eq!(
+        r,
+        0,
+        "io_uring symlinkat: {}",
+        std::io::Error::from_raw_os_error(-r)
+    );
+}
+
+fn uring_linkat(from: &Path, to: &Path) {
+    let (a, b) = (cstr(from), cstr(to));
+    let sqe = io_uring::opcode::LinkAt::new(AT_FDCWD, a.as_ptr(), AT_FDCWD, b.as_ptr()).build();
+    // SAFETY: `a` and `b` outlive the call.
+    let r = unsafe { uring_run(sqe) };
+    assert_eq!(
+        r,
+        0,
+        "io_uring linkat: {}",
+        std::io::Error::from_raw_os_error(-r)
+    );
+}
+
 fn cases() -> Vec<Case> {
     vec![
         Case {
@@ -349,6 +431,80 @@ fn cases() -> Vec<Case> {
                     exp(EventKind::CloseWrite, &format!("{d}/u")),
                 ]
             },
+            outside: true,
+        },
+        Case {
+            name: "io_uring_renameat",
+            setup: |d, _| touch(&d.join("a")),
+            op: |d, _| uring_renameat(&d.join("a"), &d.join("b"), 0),
+            expect: |d| {
+                vec![
+                    exp(EventKind::Rename, &format!("{d}/a"))
+                        .to(&format!("{d}/b"))
+                        .dir(false),
+                ]
+            },
+            outside: true,
+        },
+        Case {
+            name: "io_uring_renameat_exchange",
+            setup: |d, _| {
+                touch(&d.join("a"));
+                fs::create_dir(d.join("b")).unwrap();
+            },
+            op: |d, _| uring_renameat(&d.join("a"), &d.join("b"), libc::RENAME_EXCHANGE),
+            // Both names still exist with swapped content: both are rescanned.
+            expect: |d| {
+                vec![
+                    exp(EventKind::Lost, &format!("{d}/a")),
+                    exp(EventKind::Lost, &format!("{d}/b")),
+                ]
+            },
+            outside: true,
+        },
+        Case {
+            name: "io_uring_renameat_out_of_root",
+            setup: |d, _| touch(&d.join("out")),
+            op: |d, o| uring_renameat(&d.join("out"), &o.join("out"), 0),
+            expect: |d| vec![exp(EventKind::Unlink, &format!("{d}/out")).dir(false)],
+            outside: false,
+        },
+        Case {
+            name: "io_uring_unlinkat",
+            setup: |d, _| touch(&d.join("f")),
+            op: |d, _| assert_eq!(uring_unlinkat(d, "f", 0), 0, "io_uring unlinkat"),
+            expect: |d| vec![exp(EventKind::Unlink, &format!("{d}/f")).dir(false)],
+            outside: true,
+        },
+        Case {
+            name: "io_uring_unlinkat_removedir",
+            setup: |d, _| fs::create_dir(d.join("m")).unwrap(),
+            op: |d, _| {
+                let r = uring_unlinkat(d, "m", libc::AT_REMOVEDIR);
+                assert_eq!(r, 0, "io_uring unlinkat(AT_REMOVEDIR)");
+            },
+            expect: |d| vec![exp(EventKind::Rmdir, &format!("{d}/m")).dir(true)],
+            outside: true,
+        },
+        Case {
+            name: "io_uring_mkdirat",
+            setup: |_, _| {},
+            op: |d, _| uring_mkdirat(d, "m"),
+            expect: |d| vec![exp(EventKind::Mkdir, &format!("{d}/m")).dir(true)],
+            outside: true,
+        },
+        Case {
+            name: "io_uring_symlinkat",
+            setup: |_, _| {},
+            op: |d, _| uring_symlinkat("target", &d.join("s")),
+            expect: |d| vec![exp(EventKind::Symlink, &format!("{d}/s")).dir(false)],
+            outside: true,
+        },
+        Case {
+            name: "io_uring_linkat",
+            setup: |d, _| touch(&d.join("f")),
+            op: |d, _| uring_linkat(&d.join("f"), &d.join("g")),
+            expect: |d| vec![exp(EventKind::Link, &format!("{d}/g")).dir(false)],
             outside: true,
         },
         Case {
@@ -644,6 +800,121 @@ fn fidelity_matrix() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn io_uring_failed_unlinkat_emits_nothing() {
+    let mut h = Harness::new(1 << 20);
+    let root = h.root();
+    h.drain();
+    let r = uring_unlinkat(&root, "does-not-exist", 0);
+    assert_eq!(r, -libc::ENOENT, "io_uring unlinkat of a missing file");
+    let r = uring_unlinkat(&root, "does-not-exist", libc::AT_REMOVEDIR);
+    assert_eq!(r, -libc::ENOENT, "io_uring rmdir of a missing directory");
+    h.sync();
+    let stray: Vec<_> = h
+        .seen
+        .iter()
+        .filter(|e| !path_of(e).is_some_and(|p| p.starts_with("marker-")))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "a failed unlinkat produced events: {stray:#?}"
+    );
+    assert_eq!(h.cap.drops(), 0);
+}
+
+/// More completions than the CQ ring holds: on newer kernels the overflowing ones
+/// fire `io_uring_cqe_overflow` instead of `io_uring_complete`.
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn io_uring_path_ops_overflowing_the_cq_ring() {
+    const N: usize = 6;
+    let mut h = Harness::new(1 << 20);
+    let root = h.root();
+    h.drain();
+    let dir = File::open(&root).unwrap();
+    let names: Vec<CString> = (0..N)
+        .map(|i| CString::new(format!("ovf{i}")).unwrap())
+        .collect();
+    let mut ring: io_uring::IoUring = io_uring::IoUring::builder()
+        .setup_cqsize(2)
+        .build(1)
+        .unwrap();
+    for (i, n) in names.iter().enumerate() {
+        let sqe = io_uring::opcode::MkDirAt::new(io_uring::types::Fd(dir.as_raw_fd()), n.as_ptr())
+            .mode(0o755)
+            .build()
+            .user_data(i as u64);
+        // SAFETY: `dir` and `names` outlive the ring; we wait for every completion.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit().unwrap();
+    }
+    // Let every operation finish (they run in io-wq) before reaping anything.
+    let deadline = Instant::now() + TIMEOUT;
+    while !(0..N).all(|i| root.join(format!("ovf{i}")).is_dir()) {
+        assert!(Instant::now() < deadline, "io_uring mkdirat never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut done = 0;
+    let mut overflowed = false;
+    while done < N {
+        overflowed |= ring.submission().cq_overflow();
+        ring.submit_and_wait(1).unwrap();
+        for cqe in ring.completion() {
+            assert_eq!(cqe.result(), 0, "io_uring mkdirat");
+            done += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "completions missing: {done} of {N}"
+        );
+    }
+    eprintln!("CQ ring overflowed: {overflowed}");
+    h.wait("a Mkdir per request", |ev| {
+        (0..N).all(|i| {
+            let p = format!("ovf{i}");
+            ev.iter().any(|e| {
+                e.event.kind == EventKind::Mkdir && path_of(e).as_deref() == Some(p.as_str())
+            })
+        })
+    });
+    assert_eq!(h.cap.drops(), 0);
+}
+
+/// `IOSQE_CQE_SKIP_SUCCESS`: no completion will report the operation, so it is
+/// reported lost right away rather than silently missed.
+#[test]
+#[ignore = "privileged: run by cargo xtask test"]
+fn io_uring_cqe_skip_success_is_reported_lost() {
+    let mut h = Harness::new(1 << 20);
+    let root = h.root();
+    h.drain();
+    let dir = File::open(&root).unwrap();
+    let n = c"skipped";
+    let mut ring = io_uring::IoUring::new(8).unwrap();
+    if !ring.params().is_feature_skip_cqe_on_success() {
+        eprintln!("kernel lacks IORING_FEAT_CQE_SKIP; skipping");
+        return;
+    }
+    let sqe = io_uring::opcode::MkDirAt::new(io_uring::types::Fd(dir.as_raw_fd()), n.as_ptr())
+        .mode(0o755)
+        .build()
+        .flags(io_uring::squeue::Flags::SKIP_SUCCESS);
+    // SAFETY: `dir` and `n` outlive the ring.
+    unsafe { ring.submission().push(&sqe).unwrap() };
+    ring.submit().unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !root.join("skipped").is_dir() {
+        assert!(Instant::now() < deadline, "io_uring mkdirat never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.wait("Lost for the root", |ev| {
+        ev.iter()
+            .any(|e| e.root_id == ROOT && e.event.kind == EventKind::Lost && e.event.path.is_none())
+    });
+    assert!(h.cap.drops() > 0);
 }
 
 #[test]
