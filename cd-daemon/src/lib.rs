@@ -17,6 +17,7 @@ pub mod net;
 pub mod node;
 pub mod pki;
 pub mod realtime;
+pub mod shipped;
 pub mod transfer;
 pub mod watch;
 
@@ -113,6 +114,9 @@ pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+    if let Some(node) = &daemon.node {
+        node.shutdown().await;
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

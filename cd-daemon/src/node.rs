@@ -31,6 +31,7 @@ use crate::fs;
 use crate::net::{self, NetError};
 use crate::pki::{self, Identity};
 use crate::realtime::{self, CaptureService};
+use crate::shipped::{self, Shipped};
 use crate::transfer::{self, OutBody, Outgoing, ReceiveContext, ReplicaState};
 
 /// Rounds a job may take when files keep changing under it.
@@ -66,6 +67,13 @@ struct SetState {
     /// As a source: subtrees and whole trees reconciled because events were lost.
     rescans_subtree: AtomicU64,
     rescans_full: AtomicU64,
+    /// As a real-time source: full reconciles run without a sync command (start
+    /// without a usable record, lost events, a replica that fell behind).
+    full_reconciles: AtomicU64,
+    /// As a real-time source: the tree its change sets describe (see [`shipped`]).
+    shipped: Mutex<Option<Shipped>>,
+    /// How the real-time stream started: resumed from a record, or a full reconcile.
+    resume: Mutex<serde_json::Value>,
 }
 
 #[derive(Debug)]
@@ -121,6 +129,9 @@ impl Node {
                         realtime: Mutex::new(None),
                         rescans_subtree: AtomicU64::new(0),
                         rescans_full: AtomicU64::new(0),
+                        full_reconciles: AtomicU64::new(0),
+                        shipped: Mutex::new(None),
+                        resume: Mutex::new(serde_json::Value::Null),
                     },
                 )
             })
@@ -158,6 +169,29 @@ impl Node {
 
     fn index_path(&self, set: &str) -> PathBuf {
         self.state_dir.join(format!("index-{set}.bin"))
+    }
+
+    fn shipped_path(&self, set: &str) -> PathBuf {
+        self.state_dir.join(format!("shipped-{set}.bin"))
+    }
+
+    /// Saves each real-time set's record of what it shipped (on shutdown). Waits for
+    /// a batch in flight, so the record and the sequence number agree.
+    pub async fn shutdown(&self) {
+        for (name, s) in &self.sets {
+            let _busy = s.busy.lock().await;
+            let record = s.shipped.lock().unwrap().clone();
+            if let Some(r) = record {
+                match r.save(&self.shipped_path(name)) {
+                    Ok(()) => {
+                        tracing::info!(content_set = %name, seq = r.seq, entries = r.len(), "saved the record of what was shipped")
+                    }
+                    Err(e) => {
+                        tracing::warn!(content_set = %name, error = %e, "could not save the record of what was shipped")
+                    }
+                }
+            }
+        }
     }
 
     fn seq_path(&self, set: &str) -> PathBuf {
@@ -213,6 +247,8 @@ impl Node {
                         "subtree": s.rescans_subtree.load(Ordering::Relaxed),
                         "full": s.rescans_full.load(Ordering::Relaxed),
                     },
+                    "full_reconciles": s.full_reconciles.load(Ordering::Relaxed),
+                    "resume": *s.resume.lock().unwrap(),
                 })
             })
             .collect();
@@ -418,16 +454,69 @@ impl Node {
         let now_ms = || epoch.elapsed().as_millis() as u64;
         let mut co = realtime::coalescer(self.cfg.debounce_ms);
         let index_path = self.index_path(&set);
-        let mut index = fs::HashIndex::load(&index_path);
-        // Start the stream from a known state: the whole tree, once.
-        co.handle_event(realtime::lost_root(), now_ms());
+        let index = fs::HashIndex::load(&index_path);
+        let (check_tx, mut check_rx) = mpsc::channel::<Vec<cd_core::event::FsEvent>>(1);
+        let seq = self.current_seq(&set);
+        match Shipped::load(&self.shipped_path(&set)).filter(|r| r.seq == seq) {
+            Some(record) => {
+                // Resume: stream from `seq` now; a background check ships whatever
+                // changed while the daemon was not watching.
+                tracing::info!(content_set = %set, seq, entries = record.len(), "resuming the real-time stream; consistency check in the background");
+                *state.resume.lock().unwrap() =
+                    serde_json::json!({"from_seq": seq, "check": "running"});
+                let check = record.clone();
+                *state.shipped.lock().unwrap() = Some(record);
+                let node = self.clone();
+                let name = set.clone();
+                tokio::spawn(async move { node.consistency_check(name, check, check_tx).await });
+            }
+            None => {
+                // Start the stream from a known state: the whole tree, once.
+                *state.resume.lock().unwrap() =
+                    serde_json::json!({"from_seq": null, "check": "full reconcile"});
+                drop(check_tx);
+                co.handle_event(realtime::lost_root(), now_ms());
+            }
+        }
+        let mut saved = Instant::now();
+        // One batch ships at a time, in its own task, while this loop keeps taking
+        // events into the coalescer (so a slow replica never backs the kernel's
+        // queue up into a loss); the next batch is what accumulated meanwhile.
+        let mut index = Some(index);
+        let mut shipping: Option<tokio::task::JoinHandle<(fs::HashIndex, bool)>> = None;
+        // After a failed batch: the whole tree again, not before this instant.
+        let mut hold_until: Option<Instant> = None;
         loop {
-            let deadline = co.poll_timeout().map(|t| epoch + Duration::from_millis(t));
+            let deadline = match (&shipping, hold_until) {
+                (Some(_), _) => None,
+                (None, Some(h)) if h > Instant::now() => Some(h),
+                (None, _) => co.poll_timeout().map(|t| epoch + Duration::from_millis(t)),
+            };
             tokio::select! {
                 evs = rx.recv() => match evs {
                     Some(evs) => for e in evs { co.handle_event(e, now_ms()) },
                     None => return,
                 },
+                Some(evs) = check_rx.recv() => for e in evs { co.handle_event(e, now_ms()) },
+                done = async { shipping.as_mut().expect("guarded").await }, if shipping.is_some() => {
+                    shipping = None;
+                    match done {
+                        Ok((i, ok)) => {
+                            index = Some(i);
+                            if !ok {
+                                // What the batch held is not on the replicas: never
+                                // drop it silently, reconcile (after a pause).
+                                co.handle_event(realtime::lost_root(), now_ms());
+                                hold_until = Some(Instant::now() + Duration::from_secs(2));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(content_set = %set, error = %e, "real-time batch task failed; reconciling in full");
+                            index = Some(fs::HashIndex::load(&index_path));
+                            co.handle_event(realtime::lost_root(), now_ms());
+                        }
+                    }
+                }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {}
             }
             while let Ok(evs) = rx.try_recv() {
@@ -439,13 +528,41 @@ impl Node {
                 tracing::warn!(content_set = %set, "event queue overflowed; rescanning");
                 co.handle_event(realtime::lost_root(), now_ms());
             }
-            while let Some(batch) = co.poll_batch(now_ms()) {
+            if shipping.is_some() || hold_until.is_some_and(|h| h > Instant::now()) {
+                continue;
+            }
+            let Some(mut idx) = index.take() else {
+                continue;
+            };
+            if saved.elapsed() >= shipped::SAVE_EVERY {
+                saved = Instant::now();
+                if let Err(e) = tokio::task::block_in_place(|| idx.save(&index_path)) {
+                    tracing::warn!(error = %e, "could not save the hash index");
+                }
+                let _busy = state.busy.lock().await;
+                let record = state.shipped.lock().unwrap().clone();
+                if let Some(r) = record
+                    && let Err(e) = tokio::task::block_in_place(|| r.save(&self.shipped_path(&set)))
+                {
+                    tracing::warn!(error = %e, "could not save the record of what was shipped");
+                }
+            }
+            let Some(batch) = co.poll_batch(now_ms()) else {
+                index = Some(idx);
+                continue;
+            };
+            let node = self.clone();
+            let name = set.clone();
+            shipping = Some(tokio::spawn(async move {
+                let Some(state) = node.sets.get(&name) else {
+                    return (idx, true);
+                };
                 let t0 = Instant::now();
-                let r = self.ship_batch(&set, state, &batch, &mut index).await;
+                let r = node.ship_batch(&name, state, &batch, &mut idx).await;
                 let (ok, error) = match &r {
                     Ok(()) => (true, None),
                     Err(e) => {
-                        tracing::warn!(content_set = %set, error = %format!("{e:#}"), "real-time batch failed");
+                        tracing::warn!(content_set = %name, error = %format!("{e:#}"), "real-time batch failed");
                         (false, Some(format!("{e:#}")))
                     }
                 };
@@ -459,11 +576,53 @@ impl Node {
                     bytes: 0,
                     duration_ms: t0.elapsed().as_millis() as u64,
                 });
-            }
-            if let Err(e) = tokio::task::block_in_place(|| index.save(&index_path)) {
-                tracing::warn!(error = %e, "could not save the hash index");
-            }
+                (idx, r.is_ok())
+            }));
         }
+    }
+
+    /// Scans the tree (in the background, hashing only what changed) and hands the
+    /// differences from `record` to the real-time loop as events.
+    async fn consistency_check(
+        self: Arc<Self>,
+        set: String,
+        record: Shipped,
+        tx: mpsc::Sender<Vec<cd_core::event::FsEvent>>,
+    ) {
+        let Some(state) = self.sets.get(&set) else {
+            return;
+        };
+        let t0 = Instant::now();
+        let root_path = state.root.clone();
+        let index_path = self.index_path(&set);
+        let scanned = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let root = fs::Root::open(&root_path)?;
+            // A copy: the real-time loop owns (and saves) the index file.
+            let mut index = fs::HashIndex::load(&index_path);
+            let (manifest, _) = fs::scan(&root, &mut index)?;
+            Ok(record.differences(&manifest))
+        })
+        .await;
+        let evs = match scanned {
+            Ok(Ok(evs)) => evs,
+            Ok(Err(e)) => {
+                tracing::warn!(content_set = %set, error = %format!("{e:#}"), "consistency check failed; reconciling in full");
+                vec![realtime::lost_root()]
+            }
+            Err(e) => {
+                tracing::warn!(content_set = %set, error = %e, "consistency check panicked; reconciling in full");
+                vec![realtime::lost_root()]
+            }
+        };
+        let ms = t0.elapsed().as_millis() as u64;
+        tracing::info!(content_set = %set, differences = evs.len(), ms, "consistency check done");
+        if let Some(r) = state.resume.lock().unwrap().as_object_mut() {
+            r.insert(
+                "check".into(),
+                serde_json::json!({"differences": evs.len(), "ms": ms}),
+            );
+        }
+        let _ = tx.send(evs).await;
     }
 
     /// Ships one coalesced batch as change set `seq` to every connected target.
@@ -523,6 +682,9 @@ impl Node {
             // Nothing to send (e.g. a file created and removed before shipping), but
             // the sequence moved on: replicas must move with it.
             tracing::debug!(content_set = set, seq, "empty batch");
+        }
+        if let Some(r) = state.shipped.lock().unwrap().as_mut() {
+            r.apply(seq, &resolved.changes);
         }
         let out = Arc::new(Outgoing {
             content_set: set.to_owned(),
@@ -664,6 +826,9 @@ impl Node {
                 assignment.source
             );
         }
+        if job_id == 0 {
+            state.full_reconciles.fetch_add(1, Ordering::Relaxed);
+        }
         let root_path = state.root.clone();
         let index_path = self.index_path(set);
         let mut pending: Vec<pb::Peer> = assignment
@@ -691,6 +856,17 @@ impl Node {
             })?;
             report.scan_ms += t0.elapsed().as_millis() as u64;
             report.source_entries = manifest.len() as u64;
+            let every_connected = assignment
+                .targets
+                .iter()
+                .filter(|t| !t.data_addr.is_empty())
+                .all(|t| only.is_none_or(|o| o.contains(&t.name)));
+            if assignment.realtime && every_connected {
+                // A full change set to every connected target: the record restarts
+                // from it. (A partial one, to targets that fell behind, leaves the
+                // record of the incremental stream the others follow.)
+                *state.shipped.lock().unwrap() = Some(Shipped::from_manifest(seq, &manifest));
+            }
             report.seq = seq;
             let out = Arc::new(Outgoing {
                 content_set: set.to_owned(),

@@ -60,6 +60,8 @@ pub struct ClusterSpec {
     pub mode: Option<&'static str>,
     /// `capture` of every node (`"auto"`, `"ebpf"`, `"fanotify"`); `None` = default.
     pub capture: Option<&'static str>,
+    /// `ring_buffer_mib` of every node (the eBPF ring buffer); `None` = default.
+    pub ring_buffer_mib: Option<u32>,
     /// How long to wait for a daemon to come up or a node to (re)connect.
     pub startup_timeout: Duration,
     /// How long a `cdctl sync` may take before it is killed and reported.
@@ -80,6 +82,7 @@ impl ClusterSpec {
             max_rate: 0,
             mode: None,
             capture: None,
+            ring_buffer_mib: None,
             startup_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(300),
         }
@@ -438,10 +441,13 @@ impl Cluster {
                 toml_str(CONTENT_SET),
                 toml_path(&root)?
             );
+            // Keys of [node]: inserted before the content-set table.
+            let at = cfg.find("\n[[node.content_sets]]").unwrap_or(cfg.len());
             if let Some(c) = cluster.spec.capture {
-                // A key of [node]: insert it before the content-set table.
-                let at = cfg.find("\n[[node.content_sets]]").unwrap_or(cfg.len());
                 cfg.insert_str(at, &format!("capture = {}\n", toml_str(c)));
+            }
+            if let Some(m) = cluster.spec.ring_buffer_mib {
+                cfg.insert_str(at, &format!("ring_buffer_mib = {m}\n"));
             }
             cluster.add_daemon(&name, &cfg, Some(root))?;
             cluster.spawn(&name)?;

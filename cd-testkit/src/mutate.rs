@@ -34,6 +34,8 @@ pub struct MutateSpec {
     pub per_kind: usize,
     /// Whether chown may pick other uids (needs root).
     pub chown: bool,
+    /// Whether to add hard links to existing files.
+    pub hardlinks: bool,
 }
 
 impl MutateSpec {
@@ -44,6 +46,7 @@ impl MutateSpec {
             seed,
             per_kind,
             chown: sys::is_root(),
+            hardlinks: true,
         }
     }
 }
@@ -275,7 +278,8 @@ pub fn mutate(root: &Path, spec: &MutateSpec) -> Result<MutationCounts> {
 
     // Additions.
     let l = scan(root)?;
-    for (k, f) in pick(&mut rng, &l.files, n).into_iter().enumerate() {
+    let links = if spec.hardlinks { n } else { 0 };
+    for (k, f) in pick(&mut rng, &l.files, links).into_iter().enumerate() {
         let dir = pick(&mut rng, &l.dirs, 1).pop().unwrap_or_default();
         let mut name = std::ffi::OsString::from(format!("newlink-{k}-"));
         name.push(f.file_name().unwrap_or_default());
