@@ -486,6 +486,7 @@ impl Node {
         let mut shipping: Option<tokio::task::JoinHandle<(fs::HashIndex, bool)>> = None;
         // After a failed batch: the whole tree again, not before this instant.
         let mut hold_until: Option<Instant> = None;
+        let mut saving: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let deadline = match (&shipping, hold_until) {
                 (Some(_), _) => None,
@@ -534,18 +535,25 @@ impl Node {
             let Some(mut idx) = index.take() else {
                 continue;
             };
-            if saved.elapsed() >= shipped::SAVE_EVERY {
+            if saved.elapsed() >= shipped::SAVE_EVERY
+                && saving.as_ref().is_none_or(|h| h.is_finished())
+            {
+                // Copies, written by a blocking task: the loop keeps taking events.
                 saved = Instant::now();
-                if let Err(e) = tokio::task::block_in_place(|| idx.save(&index_path)) {
-                    tracing::warn!(error = %e, "could not save the hash index");
-                }
-                let _busy = state.busy.lock().await;
+                let index_copy = idx.clone();
                 let record = state.shipped.lock().unwrap().clone();
-                if let Some(r) = record
-                    && let Err(e) = tokio::task::block_in_place(|| r.save(&self.shipped_path(&set)))
-                {
-                    tracing::warn!(error = %e, "could not save the record of what was shipped");
-                }
+                let index_path = index_path.clone();
+                let shipped_path = self.shipped_path(&set);
+                saving = Some(tokio::task::spawn_blocking(move || {
+                    if let Err(e) = index_copy.save(&index_path) {
+                        tracing::warn!(error = %e, "could not save the hash index");
+                    }
+                    if let Some(r) = record
+                        && let Err(e) = r.save(&shipped_path)
+                    {
+                        tracing::warn!(error = %e, "could not save the record of what was shipped");
+                    }
+                }));
             }
             let Some(batch) = co.poll_batch(now_ms()) else {
                 index = Some(idx);
