@@ -358,6 +358,24 @@ fn bad_config_exits_64() {
             "name",
         ),
         bad(
+            "invalid exclude regex",
+            master.replace(
+                "zstd_level = 3",
+                "zstd_level = 3\nexclude = [\"*.tmp\", \"re:^cache/(\"]",
+            ),
+            "re:^cache/(",
+            "invalid regex \"^cache/(\"",
+        ),
+        bad(
+            "unknown command key",
+            master.replace(
+                "zstd_level = 3",
+                "zstd_level = 3\ncommands = { delete = false, rename = false }",
+            ),
+            "rename = false",
+            "rename",
+        ),
+        bad(
             "content root missing",
             node.replace(
                 &format!("root = \"{}\"", root.display()),
