@@ -10,6 +10,15 @@
 //! - Data listener: accepts transfers only from peers with a cluster certificate
 //!   whose name is the assigned source of the content set.
 //! - One job or transfer at a time per content set (a per-set lock).
+//! - Filters: every assignment carries the content set's [`Filter`] (include/exclude
+//!   patterns, command mask). A node that cannot compile it suspends the set (no
+//!   assignment, so no job or transfer runs for it) and says so in its status. As the
+//!   source it ships [`Filter::apply_to_manifest`] of its scan in full rounds, and in
+//!   real time passes events through [`Filter::filter_event`] before the coalescer and
+//!   resolved changes through [`Filter::allows`] (see [`realtime::resolve`]). As a
+//!   replica it plans against [`Filter::reconcile_target`] of what it received, for
+//!   full manifests and incremental change sets alike, so its own excluded entries
+//!   stay and the command mask holds even if a source sent more.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,10 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use cd_core::filter::Filter;
 use cd_proto::pb::{self, envelope::Msg};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, NodeConfig};
@@ -62,6 +72,27 @@ struct SetState {
     sent: Mutex<BTreeMap<String, u64>>,
     /// As a source: the real-time task, once started.
     realtime: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The filter of the current assignment; the real-time task watches it.
+    filter: watch::Sender<SetFilter>,
+    /// As a real-time source with a filter that is not a no-op: what the replicas hold,
+    /// as far as this node knows (the filtered tree of the last full round, plus the
+    /// change sets shipped since). `None`: unknown, the next batch is a full round.
+    known: Mutex<Option<realtime::KnownTree>>,
+}
+
+/// A content set's filter as last assigned.
+#[derive(Debug, Clone, Default)]
+struct SetFilter {
+    filter: Arc<Filter>,
+    /// False while the set is suspended because the master's filter was refused.
+    valid: bool,
+}
+
+impl SetState {
+    /// The filter to apply now.
+    fn filter(&self) -> Arc<Filter> {
+        self.filter.borrow().filter.clone()
+    }
 }
 
 #[derive(Debug)]
@@ -115,6 +146,8 @@ impl Node {
                         )),
                         sent: Mutex::new(BTreeMap::new()),
                         realtime: Mutex::new(None),
+                        filter: watch::Sender::new(SetFilter::default()),
+                        known: Mutex::new(None),
                     },
                 )
             })
@@ -195,6 +228,7 @@ impl Node {
             .iter()
             .map(|(name, s)| {
                 let a = s.assignment.lock().unwrap().clone();
+                let filter = a.as_ref().map(|_| crate::config::filter_json(&s.filter()));
                 serde_json::json!({
                     "name": name,
                     "root": s.root,
@@ -203,6 +237,7 @@ impl Node {
                     "targets": a.as_ref().map(|a| a.targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
                     "last_sync": *s.last_sync.lock().unwrap(),
                     "realtime": s.realtime.lock().unwrap().as_ref().is_some_and(|h| !h.is_finished()),
+                    "filter": filter,
                 })
             })
             .collect();
@@ -302,6 +337,33 @@ impl Node {
                 tracing::warn!(content_set = %set.name, "master assigned a content set this node has no root for");
                 continue;
             };
+            let filter = match set.filter.as_ref().map(Filter::try_from).transpose() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(e) => {
+                    // Syncing with a filter this node cannot apply could delete or
+                    // overwrite what the operator excluded: suspend the set instead.
+                    let msg = format!(
+                        "content set `{}` suspended: the master's filter is invalid here: {e}",
+                        set.name
+                    );
+                    tracing::error!(content_set = %set.name, error = %e, "refused the assignment's filter; content set suspended");
+                    self.note_error(msg);
+                    *s.assignment.lock().unwrap() = None;
+                    s.filter.send_modify(|f| f.valid = false);
+                    continue;
+                }
+            };
+            s.filter.send_if_modified(|f| {
+                let changed = !f.valid || *f.filter != filter;
+                if changed {
+                    tracing::info!(content_set = %set.name, filter = %crate::config::filter_json(&filter), "filter");
+                    *f = SetFilter {
+                        filter: Arc::new(filter),
+                        valid: true,
+                    };
+                }
+                changed
+            });
             tracing::info!(content_set = %set.name, is_source = set.is_source, realtime = set.realtime, targets = set.targets.len(), "assignment");
             let before = s.assignment.lock().unwrap().replace(set.clone());
             if !(set.is_source && set.realtime) {
@@ -409,20 +471,42 @@ impl Node {
         let mut co = realtime::coalescer(self.cfg.debounce_ms);
         let index_path = self.index_path(&set);
         let mut index = fs::HashIndex::load(&index_path);
+        let mut filter_rx = state.filter.subscribe();
+        let mut filter = filter_rx.borrow_and_update().filter.clone();
+        let mut filter_open = true;
         // Start the stream from a known state: the whole tree, once.
         co.handle_event(realtime::lost_root(), now_ms());
         loop {
             let deadline = co.poll_timeout().map(|t| epoch + Duration::from_millis(t));
-            tokio::select! {
+            let received = tokio::select! {
                 evs = rx.recv() => match evs {
-                    Some(evs) => for e in evs { co.handle_event(e, now_ms()) },
+                    Some(evs) => evs,
                     None => return,
                 },
-                _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {}
+                changed = filter_rx.changed(), if filter_open => {
+                    filter_open = changed.is_ok();
+                    Vec::new()
+                }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => Vec::new(),
+            };
+            // A new filter changes what the replicas should hold: reconcile in full.
+            // (Events received with it are judged by it; the rescan covers the rest.)
+            let current = filter_rx.borrow_and_update().clone();
+            if current.valid && !Arc::ptr_eq(&filter, &current.filter) {
+                tracing::info!(content_set = %set, "filter changed; reconciling the whole tree");
+                filter = current.filter;
+                co.handle_event(realtime::lost_root(), now_ms());
+            }
+            for e in received {
+                for e in filter.filter_event(e) {
+                    co.handle_event(e, now_ms());
+                }
             }
             while let Ok(evs) = rx.try_recv() {
                 for e in evs {
-                    co.handle_event(e, now_ms());
+                    for e in filter.filter_event(e) {
+                        co.handle_event(e, now_ms());
+                    }
                 }
             }
             if overflowed.swap(false, Ordering::Relaxed) {
@@ -470,9 +554,21 @@ impl Node {
             .unwrap()
             .clone()
             .context("no assignment")?;
-        let root = Arc::new(tokio::task::block_in_place(|| fs::Root::open(&state.root))?);
-        let resolved = tokio::task::block_in_place(|| realtime::resolve(&root, index, batch))?;
+        // The lock first: a full round running now changes what the replicas hold,
+        // which the filter's command mask is judged against.
         let _busy = state.busy.lock().await;
+        let filter = state.filter();
+        let root = Arc::new(tokio::task::block_in_place(|| fs::Root::open(&state.root))?);
+        let mut known = state.known.lock().unwrap().take();
+        let resolved = tokio::task::block_in_place(|| {
+            realtime::resolve(&root, index, batch, &filter, known.as_mut())
+        });
+        // Only a batch resolved to the end leaves `known` describing what the
+        // replicas will hold; a full round (below) sets it afresh.
+        if matches!(&resolved, Ok(r) if !r.full) {
+            *state.known.lock().unwrap() = known;
+        }
+        let resolved = resolved?;
         let seq = self.next_seq(set);
         let connected: Vec<String> = assignment
             .targets
@@ -647,6 +743,7 @@ impl Node {
         let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
         for round in 1..=MAX_ROUNDS {
             let t0 = Instant::now();
+            let filter = state.filter();
             let (root, manifest) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
                 let root = fs::Root::open(&root_path)?;
                 let mut index = fs::HashIndex::load(&index_path);
@@ -661,6 +758,14 @@ impl Node {
                 );
                 Ok((root, manifest))
             })?;
+            // What the content set covers: the replicas reconcile against this.
+            let manifest = Arc::new(if filter.is_everything() {
+                manifest
+            } else {
+                filter.apply_to_manifest(&manifest)
+            });
+            *state.known.lock().unwrap() = (assignment.realtime && !filter.is_noop())
+                .then(|| realtime::KnownTree::from_manifest(&manifest));
             report.scan_ms += t0.elapsed().as_millis() as u64;
             report.source_entries = manifest.len() as u64;
             report.seq = seq;
@@ -669,7 +774,7 @@ impl Node {
                 origin: self.name.clone(),
                 seq,
                 job_id,
-                body: OutBody::Full(Arc::new(manifest)),
+                body: OutBody::Full(manifest),
                 root: Arc::new(root),
                 zstd_level: assignment.zstd_level,
                 max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
@@ -838,6 +943,7 @@ impl Node {
                 .state_dir
                 .join(format!("applied-{}", begin.content_set)),
             owner: self.owner,
+            filter: state.filter(),
         };
         // Held by this transfer alone (the busy lock): take it out of the mutex so no
         // guard lives across an await; a failed transfer leaves nothing to build on.
