@@ -60,6 +60,11 @@ pub struct ClusterSpec {
     pub mode: Option<&'static str>,
     /// `capture` of every node (`"auto"`, `"ebpf"`, `"fanotify"`); `None` = default.
     pub capture: Option<&'static str>,
+    /// Extra lines of the master's content-set table, written as given after the
+    /// others (e.g. `exclude = ["*.tmp"]`, `commands = { delete = false }`). The table
+    /// ends the master's config, so a test may append more lines to
+    /// [`Cluster::config`]`(MASTER)` and [`Cluster::restart`] the master.
+    pub set_lines: Vec<String>,
     /// How long to wait for a daemon to come up or a node to (re)connect.
     pub startup_timeout: Duration,
     /// How long a `cdctl sync` may take before it is killed and reported.
@@ -80,6 +85,7 @@ impl ClusterSpec {
             max_rate: 0,
             mode: None,
             capture: None,
+            set_lines: Vec::new(),
             startup_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(300),
         }
@@ -415,6 +421,9 @@ impl Cluster {
         }
         if let Some(m) = cluster.spec.mode {
             let _ = writeln!(cfg, "mode = {}", toml_str(m));
+        }
+        for line in &cluster.spec.set_lines {
+            let _ = writeln!(cfg, "{line}");
         }
         cluster.add_daemon(MASTER, &cfg, None)?;
         cluster.spawn(MASTER)?;
