@@ -534,7 +534,12 @@ impl Node {
                     duration_ms: t0.elapsed().as_millis() as u64,
                 });
             }
-            if let Err(e) = tokio::task::block_in_place(|| index.save(&index_path)) {
+            // Jobs of this set save the same index file (one fixed temporary name)
+            // under the busy lock: never at the same time as they do. A skipped save
+            // costs nothing but re-hashing after a restart; the next one writes it.
+            if let Ok(_busy) = state.busy.try_lock()
+                && let Err(e) = tokio::task::block_in_place(|| index.save(&index_path))
+            {
                 tracing::warn!(error = %e, "could not save the hash index");
             }
         }
