@@ -290,10 +290,14 @@ fn parse_sync(out: Finished) -> Result<SyncOutcome> {
     let targets = report["targets"]
         .as_array()
         .ok_or_else(|| anyhow!("job report has no `targets` array: {report}"))?;
-    let all_ok = targets.iter().all(|t| t["ok"] == true);
+    // A job that failed as a whole (e.g. the source could not scan) reports an error
+    // and may list no target at all.
+    let job_error = report["error"].as_str().is_some_and(|e| !e.is_empty());
+    let all_ok = !job_error && targets.iter().all(|t| t["ok"] == true);
     ensure!(
         (code == 0) == all_ok,
-        "cdctl sync exit code {code} contradicts the report (all targets ok: {all_ok}): {report}"
+        "cdctl sync exit code {code} contradicts the report (job error: {job_error}, \
+         all targets ok: {all_ok}): {report}"
     );
     Ok(SyncOutcome {
         exit_code: code,
@@ -859,6 +863,9 @@ mod tests {
         assert!(parse_sync(fin(0, bad)).is_err());
         assert!(parse_sync(fin(2, bad)).is_err());
         assert!(parse_sync(fin(0, "not json")).is_err());
+        let failed_job = r#"{"job_id":1,"error":"scan failed","targets":[]}"#;
+        assert_eq!(parse_sync(fin(1, failed_job)).unwrap().exit_code, 1);
+        assert!(parse_sync(fin(0, failed_job)).is_err());
         let out = parse_sync(fin(0, ok)).unwrap();
         assert_eq!(out.target("node2").unwrap()["ok"], true);
         assert!(out.target("node3").is_err());
