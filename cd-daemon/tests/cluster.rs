@@ -753,7 +753,11 @@ fn filter_violations(c: &Cluster, kept: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     for t in c.targets() {
         let r = c.root(&t).unwrap();
-        for d in compare(&source, &r).unwrap() {
+        // A replica being applied to can lose an entry between listing and reading it:
+        // a violation for now (a poll retries), not a failure of the comparison.
+        let diffs =
+            compare(&source, &r).unwrap_or_else(|e| vec![format!("(cannot compare yet): {e:#}")]);
+        for d in diffs {
             let path = d.split(": ").next().unwrap_or_default();
             let expected =
                 kept.contains(&path) || (d.contains(": only in A (") && !synced(Path::new(path)));
