@@ -133,6 +133,14 @@ impl Pattern {
         }))
     }
 
+    /// The pattern as written (without any config prefix).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Pattern::Glob(g) => g.as_str(),
+            Pattern::Regex(r) => r.regex.as_str(),
+        }
+    }
+
     /// Whether this pattern matches `path` itself (ancestors are not considered).
     pub fn is_match(&self, path: &RelPath, is_dir: bool) -> bool {
         match self {
@@ -170,6 +178,19 @@ impl Pattern {
         matches!(self, Pattern::Glob(Glob { segments: None, .. }))
     }
 }
+
+/// Two patterns are equal when they are of the same kind and written the same way.
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Pattern::Glob(a), Pattern::Glob(b)) => a.as_str() == b.as_str(),
+            (Pattern::Regex(a), Pattern::Regex(b)) => a.regex.as_str() == b.regex.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Pattern {}
 
 impl Glob {
     fn new(pattern: &str) -> Result<Glob, FilterError> {
@@ -519,7 +540,7 @@ pub struct ChangeFacts {
 }
 
 /// A content set's include/exclude patterns and command mask. See the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
     include: Vec<Pattern>,
     exclude: Vec<Pattern>,
@@ -543,6 +564,21 @@ impl Filter {
 
     pub fn commands(&self) -> CommandMask {
         self.commands
+    }
+
+    /// The include patterns, in the order given.
+    pub fn include(&self) -> &[Pattern] {
+        &self.include
+    }
+
+    /// The exclude patterns, in the order given.
+    pub fn exclude(&self) -> &[Pattern] {
+        &self.exclude
+    }
+
+    /// True when the filter changes nothing: every path synced, every command allowed.
+    pub fn is_noop(&self) -> bool {
+        self.is_everything() && self.commands == CommandMask::ALL
     }
 
     /// True when every path is synced (no patterns).
@@ -959,6 +995,29 @@ mod tests {
         let pat = g("build/");
         assert!(pat.is_match(&p("x/build"), true));
         assert!(!pat.is_match(&p("x/build"), false));
+    }
+
+    #[test]
+    fn patterns_keep_their_source_and_compare_by_kind_and_text() {
+        assert_eq!(g("*.jpg").as_str(), "*.jpg");
+        assert_eq!(re("^cache/").as_str(), "^cache/");
+        assert_eq!(g("a/**"), g("a/**"));
+        assert_ne!(g("a"), re("a"), "same text, other kind");
+        let f = filter(vec![g("*.jpg")], vec![re("^tmp/")]);
+        assert_eq!(
+            (f.include(), f.exclude()),
+            (&[g("*.jpg")][..], &[re("^tmp/")][..])
+        );
+        assert!(!f.is_noop() && Filter::default().is_noop());
+        let mask_only = Filter::new(
+            vec![],
+            vec![],
+            CommandMask {
+                delete: false,
+                ..CommandMask::ALL
+            },
+        );
+        assert!(mask_only.is_everything() && !mask_only.is_noop());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use cd_core::filter::{CommandMask, Filter, FilterError, Pattern};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -60,7 +61,15 @@ pub struct MasterContentSet {
     /// 0 = unlimited.
     pub max_rate_bytes_per_sec: u64,
     pub mode: SyncMode,
+    /// `include`, `exclude` and `commands`: what the set syncs and which changes it
+    /// may make on its replicas (everything when none is given).
+    pub filter: Filter,
 }
+
+/// The prefix that makes an `include`/`exclude` entry a regex; anything else is a glob.
+pub const REGEX_PREFIX: &str = "re:";
+/// The prefix that makes an entry a glob explicitly (for a glob starting with `re:`).
+pub const GLOB_PREFIX: &str = "glob:";
 
 /// When a content set is distributed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -148,6 +157,22 @@ struct RawMasterSet {
     zstd_level: Option<Spanned<i64>>,
     max_rate_bytes_per_sec: Option<Spanned<i64>>,
     mode: Option<Spanned<String>>,
+    include: Option<Vec<Spanned<String>>>,
+    exclude: Option<Vec<Spanned<String>>>,
+    commands: Option<RawCommands>,
+}
+
+/// `commands = { create = true, update = true, delete = false, move = true, erase = false }`;
+/// an omitted key is `true`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommands {
+    create: Option<bool>,
+    update: Option<bool>,
+    delete: Option<bool>,
+    #[serde(rename = "move")]
+    r#move: Option<bool>,
+    erase: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -288,6 +313,27 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         ));
                     }
                 };
+                let patterns = |list: &'static str, raw: &Option<Vec<Spanned<String>>>| {
+                    raw.iter()
+                        .flatten()
+                        .map(|p| {
+                            parse_pattern(p.get_ref())
+                                .map_err(|r| err(p.span(), format!("{list}: {r}")))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                };
+                let include = patterns("include", &s.include)?;
+                let exclude = patterns("exclude", &s.exclude)?;
+                let commands = match &s.commands {
+                    None => CommandMask::ALL,
+                    Some(c) => CommandMask {
+                        create: c.create.unwrap_or(true),
+                        update: c.update.unwrap_or(true),
+                        delete: c.delete.unwrap_or(true),
+                        r#move: c.r#move.unwrap_or(true),
+                        erase: c.erase.unwrap_or(true),
+                    },
+                };
                 sets.push(MasterContentSet {
                     name: s.name.get_ref().clone(),
                     source: s.source.get_ref().clone(),
@@ -300,6 +346,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     zstd_level,
                     max_rate_bytes_per_sec,
                     mode,
+                    filter: Filter::new(include, exclude, commands),
                 });
             }
             Some(MasterConfig {
@@ -535,6 +582,63 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// One `include`/`exclude` entry: `re:REGEX` is a regex (the `regex` crate's syntax,
+/// searched in the path relative to the content root; a directory is presented with a
+/// trailing `/`), `glob:GLOB` or any other text a glob (see `cd_core::filter`).
+pub fn parse_pattern(entry: &str) -> Result<Pattern, String> {
+    let compiled = if let Some(re) = entry.strip_prefix(REGEX_PREFIX) {
+        Pattern::regex(re)
+    } else {
+        Pattern::glob(entry.strip_prefix(GLOB_PREFIX).unwrap_or(entry))
+    };
+    compiled.map_err(|e| match e {
+        FilterError::Glob { pattern, reason } => format!("invalid glob {pattern:?}: {reason}"),
+        // The regex crate's message spans lines (the pattern, a caret, the error):
+        // keep the error line, the pattern is already named.
+        FilterError::Regex { pattern, source } => {
+            let text = source.to_string();
+            let why = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .trim_start_matches("error: ");
+            format!("invalid regex {pattern:?}: {why}")
+        }
+    })
+}
+
+/// A pattern as it would be written in the config (the inverse of [`parse_pattern`]).
+pub fn format_pattern(p: &Pattern) -> String {
+    match p {
+        Pattern::Regex(_) => format!("{REGEX_PREFIX}{}", p.as_str()),
+        Pattern::Glob(_)
+            if p.as_str().starts_with(REGEX_PREFIX) || p.as_str().starts_with(GLOB_PREFIX) =>
+        {
+            format!("{GLOB_PREFIX}{}", p.as_str())
+        }
+        Pattern::Glob(_) => p.as_str().to_owned(),
+    }
+}
+
+/// A filter for `cdctl status --json`, in the config's terms.
+pub fn filter_json(f: &Filter) -> serde_json::Value {
+    let pats = |v: &[Pattern]| v.iter().map(format_pattern).collect::<Vec<_>>();
+    let m = f.commands();
+    serde_json::json!({
+        "include": pats(f.include()),
+        "exclude": pats(f.exclude()),
+        "commands": {
+            "create": m.create,
+            "update": m.update,
+            "delete": m.delete,
+            "move": m.r#move,
+            "erase": m.erase,
+        },
+    })
+}
+
 fn absolute(p: &Spanned<PathBuf>) -> Result<PathBuf, String> {
     let p = p.get_ref();
     if p.is_absolute() {
@@ -557,6 +661,18 @@ mod tests {
     fn p(text: &str) -> Result<Config, ConfigError> {
         parse(Path::new("/etc/cdsync/cdd.toml"), text)
     }
+
+    const MASTER_SET: &str = r#"
+name = "master"
+state_dir = "/var/lib/cdsync"
+[master]
+listen = "127.0.0.1:7700"
+pki_dir = "/etc/cdsync/pki"
+[[master.content_sets]]
+name = "www"
+source = "node1"
+targets = ["node2", "node3"]
+"#;
 
     const GOOD: &str = r#"
 name = "node1"
@@ -643,6 +759,88 @@ root = "/srv/www"
             assert_eq!(e.line, 10, "{e}");
             assert!(e.reason.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn filters_parse() {
+        let text = format!(
+            "{MASTER_SET}include = [\"*.html\", \"re:^static/\", \"glob:re:odd\"]\n\
+             exclude = [\"cache/\"]\ncommands = {{ delete = false, move = false }}\n"
+        );
+        let c = p(&text).unwrap();
+        let f = &c.master.unwrap().content_sets[0].filter;
+        let g = |s| Pattern::glob(s).unwrap();
+        assert_eq!(
+            f.include(),
+            [
+                g("*.html"),
+                Pattern::regex("^static/").unwrap(),
+                g("re:odd")
+            ]
+        );
+        assert_eq!(f.exclude(), [g("cache/")]);
+        assert_eq!(
+            f.commands(),
+            CommandMask {
+                delete: false,
+                r#move: false,
+                ..CommandMask::ALL
+            }
+        );
+        // Shown as written, and read back the same.
+        for pat in f.include().iter().chain(f.exclude()) {
+            assert_eq!(&parse_pattern(&format_pattern(pat)).unwrap(), pat);
+        }
+        let shown = filter_json(f);
+        assert_eq!(
+            shown["include"],
+            serde_json::json!(["*.html", "re:^static/", "glob:re:odd"])
+        );
+        assert_eq!(shown["commands"]["delete"], false);
+        assert_eq!(shown["commands"]["create"], true);
+        // None given: everything, every command.
+        let c = p(MASTER_SET).unwrap();
+        assert!(c.master.unwrap().content_sets[0].filter.is_noop());
+        let c = p(&format!("{MASTER_SET}commands = {{}}\ninclude = []\n")).unwrap();
+        assert!(c.master.unwrap().content_sets[0].filter.is_noop());
+    }
+
+    #[test]
+    fn bad_filters_are_located_at_the_offending_entry() {
+        // (extra lines, the text the error must point at, words of the reason)
+        let cases = [
+            (
+                "exclude = [\"*.tmp\", \"[z-a]\"]",
+                "\"[z-a]\"",
+                "exclude: invalid glob \"[z-a]\": reversed range",
+            ),
+            (
+                "include = [\"re:(x\"]",
+                "\"re:(x\"",
+                "include: invalid regex \"(x\"",
+            ),
+            ("include = [\"glob:\"]", "\"glob:\"", "empty pattern"),
+            (
+                "commands = { delete = false, remove = true }",
+                "remove",
+                "unknown field `remove`",
+            ),
+            ("commands = { delete = \"no\" }", "\"no\"", "invalid type"),
+            ("exclude = \"*.tmp\"", "\"*.tmp\"", "invalid type"),
+        ];
+        for (extra, at, why) in cases {
+            let text = format!("{MASTER_SET}zstd_level = 3\n{extra}\n");
+            let e = p(&text).unwrap_err();
+            let offset = text.rfind(at).unwrap();
+            let line = text[..offset].matches('\n').count() + 1;
+            let column = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+            assert_eq!((e.line, e.column), (line, column), "{extra}: {e}");
+            assert!(e.reason.contains(why), "{extra}: {e}");
+        }
+        // The regex crate's multi-line message is kept to one line.
+        let e = p(&format!("{MASTER_SET}exclude = [\"re:a)\"]\n")).unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
+        assert!(e.reason.contains("unopened group"), "{e}");
     }
 
     #[test]

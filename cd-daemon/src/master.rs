@@ -4,7 +4,9 @@
 //! - a node with a cluster certificate opens a control session (`Hello` purpose
 //!   CONTROL, then `Register`); the master keeps it in its node table, sends it its
 //!   [`Assignment`](pb::Assignment) (and re-sends every node's whenever a data address
-//!   changes), dispatches sync jobs to sources and collects their reports;
+//!   changes), dispatches sync jobs to sources and collects their reports. Every
+//!   content set's assignment carries its filter, to the source and to the targets
+//!   alike: both ends apply it;
 //! - a node without a certificate may only ask to join (`JoinRequest` with a one-time
 //!   token). Anything else from it is refused and logged; so is a peer whose
 //!   certificate does not chain to the cluster CA (refused in the TLS handshake).
@@ -135,7 +137,7 @@ impl Master {
             .iter()
             .map(|s| {
                 let last = st.history.iter().rev().find(|r| r.content_set == s.name).map(report_json);
-                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "last_job": last})
+                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "filter": crate::config::filter_json(&s.filter), "last_job": last})
             })
             .collect();
         serde_json::json!({ "listen": self.listen.to_string(), "nodes": nodes, "content_sets": sets })
@@ -248,6 +250,8 @@ impl Master {
                 source: s.source.clone(),
                 max_rate_bytes_per_sec: s.max_rate_bytes_per_sec,
                 realtime: s.mode == crate::config::SyncMode::Realtime,
+                // Source and targets alike: both ends apply the filter.
+                filter: Some(pb::Filter::from(&s.filter)),
             })
             .collect();
         pb::Assignment { content_sets }
@@ -505,6 +509,35 @@ mod tests {
         );
         let cfg = crate::config::parse(&dir.join("m.toml"), &text).unwrap();
         Master::start(&cfg).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn assignments_carry_the_filter_to_source_and_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        pki::ca_init(&d.join("pki"), "master", &[]).unwrap();
+        let text = format!(
+            "name = \"master\"\nstate_dir = \"{0}/state\"\n[master]\nlisten = \"127.0.0.1:0\"\n\
+             pki_dir = \"{0}/pki\"\n[[master.content_sets]]\nname = \"www\"\nsource = \"node1\"\n\
+             targets = [\"node2\"]\nexclude = [\"*.tmp\", \"re:^cache/\"]\n\
+             commands = {{ delete = false }}\n",
+            d.display()
+        );
+        let cfg = crate::config::parse(&d.join("m.toml"), &text).unwrap();
+        let m = Master::start(&cfg).await.unwrap();
+        let st = super::State::default();
+        for node in ["node1", "node2"] {
+            let a = m.assignment_for(node, &st);
+            let f = a.content_sets[0].filter.as_ref().expect("a filter");
+            let f = cd_core::filter::Filter::try_from(f).unwrap();
+            assert_eq!(
+                f,
+                cfg.master.as_ref().unwrap().content_sets[0].filter,
+                "{node}"
+            );
+            assert!(!f.commands().delete);
+        }
+        assert!(m.assignment_for("node3", &st).content_sets.is_empty());
     }
 
     /// A node identity signed by the cluster CA, as a join would produce.

@@ -10,6 +10,15 @@
 //! - Data listener: accepts transfers only from peers with a cluster certificate
 //!   whose name is the assigned source of the content set.
 //! - One job or transfer at a time per content set (a per-set lock).
+//! - Filters: every assignment carries the content set's [`Filter`] (include/exclude
+//!   patterns, command mask). A node that cannot compile it suspends the set (no
+//!   assignment, so no job or transfer runs for it) and says so in its status. As the
+//!   source it ships [`Filter::apply_to_manifest`] of its scan in full rounds, and in
+//!   real time passes events through [`Filter::filter_event`] before the coalescer and
+//!   resolved changes through [`Filter::allows`] (see [`realtime::resolve`]). As a
+//!   replica it plans against [`Filter::reconcile_target`] of what it received, for
+//!   full manifests and incremental change sets alike, so its own excluded entries
+//!   stay and the command mask holds even if a source sent more.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,10 +29,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use cd_core::coalesce::PathChange;
+use cd_core::filter::Filter;
 use cd_proto::pb::{self, envelope::Msg};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, NodeConfig};
@@ -74,6 +84,27 @@ struct SetState {
     shipped: Mutex<Option<Shipped>>,
     /// How the real-time stream started: resumed from a record, or a full reconcile.
     resume: Mutex<serde_json::Value>,
+    /// The filter of the current assignment; the real-time task watches it.
+    filter: watch::Sender<SetFilter>,
+    /// As a real-time source with a filter that is not a no-op: what the replicas hold,
+    /// as far as this node knows (the filtered tree of the last full round, plus the
+    /// change sets shipped since). `None`: unknown, the next batch is a full round.
+    known: Mutex<Option<realtime::KnownTree>>,
+}
+
+/// A content set's filter as last assigned.
+#[derive(Debug, Clone, Default)]
+struct SetFilter {
+    filter: Arc<Filter>,
+    /// False while the set is suspended because the master's filter was refused.
+    valid: bool,
+}
+
+impl SetState {
+    /// The filter to apply now.
+    fn filter(&self) -> Arc<Filter> {
+        self.filter.borrow().filter.clone()
+    }
 }
 
 #[derive(Debug)]
@@ -132,6 +163,8 @@ impl Node {
                         full_reconciles: AtomicU64::new(0),
                         shipped: Mutex::new(None),
                         resume: Mutex::new(serde_json::Value::Null),
+                        filter: watch::Sender::new(SetFilter::default()),
+                        known: Mutex::new(None),
                     },
                 )
             })
@@ -176,10 +209,13 @@ impl Node {
     }
 
     /// Saves each real-time set's record of what it shipped (on shutdown). Waits for
-    /// a batch in flight, so the record and the sequence number agree.
+    /// a batch in flight, so the record and the sequence number agree, and keeps
+    /// every set locked until the process exits, so no later batch moves the
+    /// sequence number past the saved record.
     pub async fn shutdown(&self) {
         for (name, s) in &self.sets {
-            let _busy = s.busy.lock().await;
+            let busy = s.busy.lock().await;
+            std::mem::forget(busy);
             let record = s.shipped.lock().unwrap().clone();
             if let Some(r) = record {
                 match r.save(&self.shipped_path(name)) {
@@ -235,6 +271,7 @@ impl Node {
             .iter()
             .map(|(name, s)| {
                 let a = s.assignment.lock().unwrap().clone();
+                let filter = a.as_ref().map(|_| crate::config::filter_json(&s.filter()));
                 serde_json::json!({
                     "name": name,
                     "root": s.root,
@@ -249,6 +286,7 @@ impl Node {
                     },
                     "full_reconciles": s.full_reconciles.load(Ordering::Relaxed),
                     "resume": *s.resume.lock().unwrap(),
+                    "filter": filter,
                 })
             })
             .collect();
@@ -348,6 +386,33 @@ impl Node {
                 tracing::warn!(content_set = %set.name, "master assigned a content set this node has no root for");
                 continue;
             };
+            let filter = match set.filter.as_ref().map(Filter::try_from).transpose() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(e) => {
+                    // Syncing with a filter this node cannot apply could delete or
+                    // overwrite what the operator excluded: suspend the set instead.
+                    let msg = format!(
+                        "content set `{}` suspended: the master's filter is invalid here: {e}",
+                        set.name
+                    );
+                    tracing::error!(content_set = %set.name, error = %e, "refused the assignment's filter; content set suspended");
+                    self.note_error(msg);
+                    *s.assignment.lock().unwrap() = None;
+                    s.filter.send_modify(|f| f.valid = false);
+                    continue;
+                }
+            };
+            s.filter.send_if_modified(|f| {
+                let changed = !f.valid || *f.filter != filter;
+                if changed {
+                    tracing::info!(content_set = %set.name, filter = %crate::config::filter_json(&filter), "filter");
+                    *f = SetFilter {
+                        filter: Arc::new(filter),
+                        valid: true,
+                    };
+                }
+                changed
+            });
             tracing::info!(content_set = %set.name, is_source = set.is_source, realtime = set.realtime, targets = set.targets.len(), "assignment");
             let before = s.assignment.lock().unwrap().replace(set.clone());
             if !(set.is_source && set.realtime) {
@@ -455,6 +520,9 @@ impl Node {
         let mut co = realtime::coalescer(self.cfg.debounce_ms);
         let index_path = self.index_path(&set);
         let index = fs::HashIndex::load(&index_path);
+        let mut filter_rx = state.filter.subscribe();
+        let mut filter = filter_rx.borrow_and_update().filter.clone();
+        let mut filter_open = true;
         let (check_tx, mut check_rx) = mpsc::channel::<Vec<cd_core::event::FsEvent>>(1);
         let seq = self.current_seq(&set);
         match Shipped::load(&self.shipped_path(&set)).filter(|r| r.seq == seq) {
@@ -493,12 +561,12 @@ impl Node {
                 (None, Some(h)) if h > Instant::now() => Some(h),
                 (None, _) => co.poll_timeout().map(|t| epoch + Duration::from_millis(t)),
             };
-            tokio::select! {
+            let received = tokio::select! {
                 evs = rx.recv() => match evs {
-                    Some(evs) => for e in evs { co.handle_event(e, now_ms()) },
+                    Some(evs) => evs,
                     None => return,
                 },
-                Some(evs) = check_rx.recv() => for e in evs { co.handle_event(e, now_ms()) },
+                Some(evs) = check_rx.recv() => evs,
                 done = async { shipping.as_mut().expect("guarded").await }, if shipping.is_some() => {
                     shipping = None;
                     match done {
@@ -517,12 +585,32 @@ impl Node {
                             co.handle_event(realtime::lost_root(), now_ms());
                         }
                     }
+                    Vec::new()
                 }
-                _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {}
+                changed = filter_rx.changed(), if filter_open => {
+                    filter_open = changed.is_ok();
+                    Vec::new()
+                }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => Vec::new(),
+            };
+            // A new filter changes what the replicas should hold: reconcile in full.
+            // (Events received with it are judged by it; the rescan covers the rest.)
+            let current = filter_rx.borrow_and_update().clone();
+            if current.valid && !Arc::ptr_eq(&filter, &current.filter) {
+                tracing::info!(content_set = %set, "filter changed; reconciling the whole tree");
+                filter = current.filter;
+                co.handle_event(realtime::lost_root(), now_ms());
+            }
+            for e in received {
+                for e in filter.filter_event(e) {
+                    co.handle_event(e, now_ms());
+                }
             }
             while let Ok(evs) = rx.try_recv() {
                 for e in evs {
-                    co.handle_event(e, now_ms());
+                    for e in filter.filter_event(e) {
+                        co.handle_event(e, now_ms());
+                    }
                 }
             }
             if overflowed.swap(false, Ordering::Relaxed) {
@@ -647,9 +735,21 @@ impl Node {
             .unwrap()
             .clone()
             .context("no assignment")?;
-        let root = Arc::new(tokio::task::block_in_place(|| fs::Root::open(&state.root))?);
-        let resolved = tokio::task::block_in_place(|| realtime::resolve(&root, index, batch))?;
+        // The lock first: a full round running now changes what the replicas hold,
+        // which the filter's command mask is judged against.
         let _busy = state.busy.lock().await;
+        let filter = state.filter();
+        let root = Arc::new(tokio::task::block_in_place(|| fs::Root::open(&state.root))?);
+        let mut known = state.known.lock().unwrap().take();
+        let resolved = tokio::task::block_in_place(|| {
+            realtime::resolve(&root, index, batch, &filter, known.as_mut())
+        });
+        // Only a batch resolved to the end leaves `known` describing what the
+        // replicas will hold; a full round (below) sets it afresh.
+        if matches!(&resolved, Ok(r) if !r.full) {
+            *state.known.lock().unwrap() = known;
+        }
+        let resolved = resolved?;
         let seq = self.next_seq(set);
         let connected: Vec<String> = assignment
             .targets
@@ -848,6 +948,7 @@ impl Node {
         let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
         for round in 1..=MAX_ROUNDS {
             let t0 = Instant::now();
+            let filter = state.filter();
             let (root, manifest) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
                 let root = fs::Root::open(&root_path)?;
                 let mut index = fs::HashIndex::load(&index_path);
@@ -862,6 +963,14 @@ impl Node {
                 );
                 Ok((root, manifest))
             })?;
+            // What the content set covers: the replicas reconcile against this.
+            let manifest = Arc::new(if filter.is_everything() {
+                manifest
+            } else {
+                filter.apply_to_manifest(&manifest)
+            });
+            *state.known.lock().unwrap() = (assignment.realtime && !filter.is_noop())
+                .then(|| realtime::KnownTree::from_manifest(&manifest));
             report.scan_ms += t0.elapsed().as_millis() as u64;
             report.source_entries = manifest.len() as u64;
             let every_connected = assignment
@@ -881,7 +990,7 @@ impl Node {
                 origin: self.name.clone(),
                 seq,
                 job_id,
-                body: OutBody::Full(Arc::new(manifest)),
+                body: OutBody::Full(manifest),
                 root: Arc::new(root),
                 zstd_level: assignment.zstd_level,
                 max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
@@ -1050,6 +1159,7 @@ impl Node {
                 .state_dir
                 .join(format!("applied-{}", begin.content_set)),
             owner: self.owner,
+            filter: state.filter(),
         };
         // Held by this transfer alone (the busy lock): take it out of the mutex so no
         // guard lives across an await; a failed transfer leaves nothing to build on.

@@ -15,7 +15,14 @@
 //! set `seq` instead, so no change is ever skipped silently. Where events were lost
 //! beneath a directory (`Rescan` of a subtree) the batch replaces that subtree on the
 //! replica with the source's current one; where they were lost for the whole root, or
-//! a file with several hard links is touched, the batch is a full reconcile.
+//! a file with several hard links is touched, or a filtered set loses events, the
+//! batch is a full reconcile.
+//!
+//! The content set's [`Filter`] applies twice: the set task passes every event through
+//! [`Filter::filter_event`] before the coalescer, and [`resolve`] passes every change,
+//! once its kind is known from the disk, through [`Filter::allows`]. The command mask
+//! needs to know whether the replicas hold a path: a [`KnownTree`] answers that (the
+//! filtered tree of the last full round, kept up to date with what was shipped since).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -24,9 +31,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::collections::BTreeMap;
+
 use cd_core::changeset::Change;
 use cd_core::coalesce::{Batch, Coalescer, CoalescerConfig, PathChange};
 use cd_core::event::{EventKind, FsEvent};
+use cd_core::filter::{ChangeFacts, Filter};
+use cd_core::manifest::{Entry, Manifest};
+use cd_core::path::RelPath;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
@@ -90,7 +102,7 @@ impl Backend {
 /// for a close that never comes.
 #[derive(Debug)]
 struct WriterInference {
-    open: std::collections::HashSet<(u32, cd_core::path::RelPath)>,
+    open: std::collections::HashSet<(u32, RelPath)>,
     roots: HashMap<u32, std::path::PathBuf>,
     /// Whether process `pid` holds `path` open for writing.
     holds_for_writing: fn(u32, &Path) -> bool,
@@ -187,7 +199,7 @@ impl WriterInference {
                         self.open.remove(&(r, p.clone()));
                         let mut np = to.as_bytes().to_vec();
                         np.extend_from_slice(&p.as_bytes()[from.as_bytes().len()..]);
-                        if let Ok(np) = cd_core::path::RelPath::new(np) {
+                        if let Ok(np) = RelPath::new(np) {
                             self.open.insert((r, np));
                         }
                     }
@@ -391,53 +403,207 @@ impl CaptureService {
 #[derive(Debug, Default)]
 pub struct Resolved {
     pub changes: Vec<Change>,
-    /// Ship the whole tree instead (events lost for the whole root, or hard links
-    /// involved).
+    /// Ship the whole tree instead (events lost for the whole root, or for a filtered
+    /// set; hard links involved; or nothing known about the replicas to judge the
+    /// filter's command mask by).
     pub full: bool,
     /// Subtrees reconciled in full because events beneath them were lost.
     pub rescanned: u64,
 }
 
-/// Resolves a coalesced batch against the disk.
+/// What the replicas hold, as far as a real-time source knows: path → is a directory.
+///
+/// Set from the filtered tree of each full round and kept up to date with every change
+/// shipped since ([`resolve`] records them as it goes, so later changes of the same
+/// batch see earlier ones). It is what [`ChangeFacts::existed`] and, for a removal,
+/// [`ChangeFacts::is_dir`] are read from. A replica that kept more (a file the mask
+/// did not let it delete) may hold paths this does not list; the replica applies the
+/// filter itself and has the last word.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownTree {
+    /// Keyed by the path's bytes: a subtree is a contiguous range.
+    paths: BTreeMap<Vec<u8>, bool>,
+}
+
+impl KnownTree {
+    pub fn from_manifest(m: &Manifest) -> Self {
+        Self {
+            paths: m
+                .iter()
+                .map(|e| (e.path.as_bytes().to_vec(), e.is_dir()))
+                .collect(),
+        }
+    }
+
+    /// `Some(is_dir)` when the replicas hold `p`.
+    pub fn get(&self, p: &RelPath) -> Option<bool> {
+        self.paths.get(p.as_bytes()).copied()
+    }
+
+    /// Keys of `p` and everything beneath it.
+    fn subtree(&self, p: &RelPath) -> Vec<Vec<u8>> {
+        let mut prefix = p.as_bytes().to_vec();
+        prefix.push(b'/');
+        let mut out: Vec<Vec<u8>> = self
+            .paths
+            .get_key_value(p.as_bytes())
+            .map(|(k, _)| k.clone())
+            .into_iter()
+            .collect();
+        out.extend(
+            self.paths
+                .range(prefix.clone()..)
+                .map(|(k, _)| k)
+                .take_while(|k| k.starts_with(&prefix))
+                .cloned(),
+        );
+        out
+    }
+
+    /// Records a change as the replicas will apply it (see [`Change`]).
+    pub fn record(&mut self, c: &Change) {
+        match c {
+            Change::Upsert(e) => {
+                let is_dir = e.is_dir();
+                // Anything but a directory over a directory replaces its contents.
+                if !(is_dir && self.get(&e.path) == Some(true)) {
+                    self.remove(&e.path);
+                }
+                self.paths.insert(e.path.as_bytes().to_vec(), is_dir);
+            }
+            Change::Remove(p) => self.remove(p),
+            Change::Rename { from, to } => {
+                if from == to || to.starts_with(from) || self.get(from).is_none() {
+                    return;
+                }
+                let moved: Vec<(Vec<u8>, bool)> = self
+                    .subtree(from)
+                    .into_iter()
+                    .filter_map(|k| self.paths.remove(&k).map(|d| (k, d)))
+                    .collect();
+                self.remove(to);
+                let cut = from.as_bytes().len();
+                for (k, d) in moved {
+                    let mut nk = to.as_bytes().to_vec();
+                    nk.extend_from_slice(&k[cut..]);
+                    self.paths.insert(nk, d);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, p: &RelPath) {
+        for k in self.subtree(p) {
+            self.paths.remove(&k);
+        }
+    }
+}
+
+/// Resolves a coalesced batch against the disk, under the content set's `filter`.
+///
+/// Each change is stat'ed (an `Upsert` is re-examined with [`fs::scan_subtree`], so what
+/// ships is what the path holds now) and then, unless the filter is a no-op, passed
+/// through [`Filter::allows`] with the facts from that stat and from `known`; what the
+/// filter drops does not ship, and `known` records what does. A filter that is not a
+/// no-op with nothing `known` yields a full reconcile, which sets `known` afresh.
+///
+/// [`fs::scan_subtree`]: crate::fs::scan_subtree
 pub fn resolve(
     root: &crate::fs::Root,
     index: &mut crate::fs::HashIndex,
     batch: &Batch,
+    filter: &Filter,
+    known: Option<&mut KnownTree>,
 ) -> Result<Resolved, crate::fs::FsError> {
     let mut r = Resolved::default();
-    for ch in &batch.changes {
-        match ch {
-            PathChange::Upsert { path } => match crate::fs::scan_subtree(root, path, index)? {
-                None => r.changes.push(Change::Remove(path.clone())),
-                Some(s) if s.multi_link => r.full = true,
-                Some(s) => r.changes.extend(s.entries.into_iter().map(Change::Upsert)),
-            },
-            PathChange::Remove { path } => r.changes.push(Change::Remove(path.clone())),
-            PathChange::Rename { from, to } => r.changes.push(Change::Rename {
-                from: from.clone(),
-                to: to.clone(),
-            }),
-            // Events were lost beneath `path`: the replica's copy of that subtree is
-            // replaced by the source's as it is now. In an incremental change set that
-            // is `Remove` then `Upsert`s of everything found; the replica's planner
-            // diffs the result against its disk, so unchanged files are kept, not
-            // re-sent.
-            PathChange::Rescan { path: Some(path) } => {
-                match crate::fs::scan_subtree(root, path, index)? {
-                    None => r.changes.push(Change::Remove(path.clone())),
-                    Some(s) if s.multi_link => r.full = true,
-                    Some(s) => {
-                        r.rescanned += 1;
-                        r.changes.push(Change::Remove(path.clone()));
-                        r.changes.extend(s.entries.into_iter().map(Change::Upsert));
-                    }
-                }
-            }
-            PathChange::Rescan { path: None } => r.full = true,
+    let mut known = match known {
+        _ if filter.is_noop() => None,
+        Some(k) => Some(k),
+        None => {
+            r.full = true;
+            return Ok(r);
         }
+    };
+    for ch in &batch.changes {
+        let Some(k) = known.as_deref_mut() else {
+            // No filter: every change ships as the coalescer made it.
+            match ch {
+                PathChange::Upsert { path } => upsert(root, index, path, None, &mut r)?,
+                PathChange::Remove { path } => r.changes.push(Change::Remove(path.clone())),
+                PathChange::Rename { from, to } => r.changes.push(Change::Rename {
+                    from: from.clone(),
+                    to: to.clone(),
+                }),
+                PathChange::Rescan { path: Some(path) } => rescan(root, index, path, &mut r)?,
+                PathChange::Rescan { path: None } => r.full = true,
+            }
+            continue;
+        };
+        let judged = match ch {
+            // Its facts come from the scan: judged entry by entry there.
+            PathChange::Upsert { path } => {
+                upsert(root, index, path, Some((filter, &mut *k)), &mut r)?;
+                continue;
+            }
+            PathChange::Remove { path } => {
+                let was = k.get(path);
+                let facts = ChangeFacts {
+                    is_dir: was == Some(true),
+                    exists: false,
+                    existed: was.is_some(),
+                };
+                filter.allows(ch, facts)
+            }
+            PathChange::Rename { from, to } => {
+                let is_dir = match k.get(from) {
+                    Some(d) => d,
+                    None => dir_entry(root, to)?.is_some(),
+                };
+                let facts = ChangeFacts {
+                    is_dir,
+                    exists: true,
+                    existed: k.get(to).is_some(),
+                };
+                filter.allows(ch, facts)
+            }
+            PathChange::Rescan { path } => {
+                let is_dir = path.as_ref().is_none_or(|p| k.get(p) != Some(false));
+                let facts = ChangeFacts {
+                    is_dir,
+                    exists: true,
+                    existed: true,
+                };
+                filter.allows(ch, facts)
+            }
+        };
+        for c in judged {
+            match c {
+                // Already judged with these facts; the scan's entries beneath a
+                // directory are judged one by one.
+                PathChange::Upsert { path } => {
+                    upsert(root, index, &path, Some((filter, &mut *k)), &mut r)?
+                }
+                PathChange::Remove { path } => {
+                    let c = Change::Remove(path);
+                    k.record(&c);
+                    r.changes.push(c);
+                }
+                PathChange::Rename { from, to } => {
+                    let c = Change::Rename { from, to };
+                    k.record(&c);
+                    r.changes.push(c);
+                }
+                PathChange::Rescan { .. } => r.full = true,
+            }
+        }
+    }
+    if r.full {
+        return Ok(r);
     }
     // A change inside a directory moves that directory's mtime on the source, and
     // no event says so: ship the attributes of every parent touched (not its subtree).
+    // Every change of the batch counts, shipped or not: the source's directory moved
+    // either way, and a full reconcile would ship its attributes too.
     let mut parents = std::collections::BTreeSet::new();
     for ch in &batch.changes {
         match ch {
@@ -453,19 +619,117 @@ pub fn resolve(
         }
     }
     for dir in parents {
-        if let Some(e) = dir_entry(root, &dir)? {
+        let Some(e) = dir_entry(root, &dir)? else {
+            continue;
+        };
+        if let Some(k) = known.as_deref_mut() {
+            let facts = ChangeFacts {
+                is_dir: true,
+                exists: true,
+                existed: k.get(&dir).is_some(),
+            };
+            if filter
+                .allows(&PathChange::Upsert { path: dir.clone() }, facts)
+                .is_empty()
+            {
+                continue;
+            }
+            let c = Change::Upsert(e);
+            k.record(&c);
+            r.changes.push(c);
+        } else {
             r.changes.push(Change::Upsert(e));
         }
     }
     Ok(r)
 }
 
+/// Events were lost beneath `path`: the replica's copy of that subtree is replaced by
+/// the source's as it is now. In an incremental change set that is `Remove` then
+/// `Upsert`s of everything found; the replica's planner diffs the result against its
+/// disk, so unchanged files are kept, not re-sent.
+fn rescan(
+    root: &crate::fs::Root,
+    index: &mut crate::fs::HashIndex,
+    path: &RelPath,
+    r: &mut Resolved,
+) -> Result<(), crate::fs::FsError> {
+    match crate::fs::scan_subtree(root, path, index)? {
+        None => r.changes.push(Change::Remove(path.clone())),
+        Some(s) if s.multi_link => r.full = true,
+        Some(s) => {
+            r.rescanned += 1;
+            r.changes.push(Change::Remove(path.clone()));
+            r.changes.extend(s.entries.into_iter().map(Change::Upsert));
+        }
+    }
+    Ok(())
+}
+
+/// Resolves an `Upsert` of `path`: what the path holds now (for a directory, with
+/// everything beneath it), or its removal if it is gone. With a filter, every entry is
+/// judged on its own facts and only what it allows ships (and is recorded as known).
+fn upsert(
+    root: &crate::fs::Root,
+    index: &mut crate::fs::HashIndex,
+    path: &RelPath,
+    mut filter: Option<(&Filter, &mut KnownTree)>,
+    r: &mut Resolved,
+) -> Result<(), crate::fs::FsError> {
+    let found = crate::fs::scan_subtree(root, path, index)?;
+    let Some((f, k)) = filter.as_mut() else {
+        match found {
+            None => r.changes.push(Change::Remove(path.clone())),
+            Some(s) if s.multi_link => r.full = true,
+            Some(s) => r.changes.extend(s.entries.into_iter().map(Change::Upsert)),
+        }
+        return Ok(());
+    };
+    let entries: Vec<Entry> = match found {
+        Some(s) if s.multi_link => {
+            r.full = true;
+            return Ok(());
+        }
+        Some(s) => s.entries,
+        None => {
+            // Gone from the source: a removal, if the replicas hold it and may lose it.
+            let was = k.get(path);
+            let facts = ChangeFacts {
+                is_dir: was == Some(true),
+                exists: false,
+                existed: was.is_some(),
+            };
+            let up = PathChange::Upsert { path: path.clone() };
+            if !f.allows(&up, facts).is_empty() {
+                let c = Change::Remove(path.clone());
+                k.record(&c);
+                r.changes.push(c);
+            }
+            return Ok(());
+        }
+    };
+    for e in entries {
+        let facts = ChangeFacts {
+            is_dir: e.is_dir(),
+            exists: true,
+            existed: k.get(&e.path).is_some(),
+        };
+        let up = PathChange::Upsert {
+            path: e.path.clone(),
+        };
+        if f.allows(&up, facts).is_empty() {
+            continue;
+        }
+        let c = Change::Upsert(e);
+        k.record(&c);
+        r.changes.push(c);
+    }
+    Ok(())
+}
+
 /// The entry of directory `dir` alone (its attributes), or `None` if it is gone or
 /// is no longer a directory (another change in the batch accounts for that).
-fn dir_entry(
-    root: &crate::fs::Root,
-    dir: &cd_core::path::RelPath,
-) -> Result<Option<cd_core::manifest::Entry>, crate::fs::FsError> {
+fn dir_entry(root: &crate::fs::Root, dir: &RelPath) -> Result<Option<Entry>, crate::fs::FsError> {
     use rustix::fs::OFlags;
     let fd = match root.open_beneath(
         "stat directory",
@@ -478,7 +742,7 @@ fn dir_entry(
     };
     let st = rustix::fs::fstat(&fd)
         .map_err(|e| crate::fs::FsError::io("stat directory", dir.display(), e))?;
-    Ok(Some(cd_core::manifest::Entry {
+    Ok(Some(Entry {
         path: dir.clone(),
         kind: cd_core::manifest::EntryKind::Dir,
         meta: cd_core::manifest::Meta {
@@ -531,6 +795,192 @@ mod tests {
         out.iter()
             .map(|(_, e)| (e.kind, e.path.as_ref().unwrap().display()))
             .collect()
+    }
+
+    mod filtered {
+        use std::fs;
+
+        use cd_core::changeset::Change;
+        use cd_core::coalesce::{Batch, PathChange};
+        use cd_core::filter::{CommandMask, Filter, Pattern};
+        use cd_core::path::RelPath;
+
+        use super::super::{KnownTree, resolve};
+        use crate::fs::{HashIndex, Root, scan};
+
+        fn p(s: &str) -> RelPath {
+            RelPath::new(s).unwrap()
+        }
+
+        /// A root holding `a.txt`, `d/x.txt`, `gone.txt`, scanned: what the replicas
+        /// hold. Then `gone.txt` is removed, `d/x.txt` renamed to `d/y.txt`, and
+        /// `new.txt`, `b.tmp` created on the source.
+        fn setup() -> (tempfile::TempDir, Root, HashIndex, KnownTree) {
+            let tmp = tempfile::tempdir().unwrap();
+            let r = tmp.path();
+            fs::write(r.join("a.txt"), "a").unwrap();
+            fs::create_dir(r.join("d")).unwrap();
+            fs::write(r.join("d/x.txt"), "x").unwrap();
+            fs::write(r.join("gone.txt"), "g").unwrap();
+            let root = Root::open(r).unwrap();
+            let mut index = HashIndex::new();
+            let (m, _) = scan(&root, &mut index).unwrap();
+            fs::remove_file(r.join("gone.txt")).unwrap();
+            fs::rename(r.join("d/x.txt"), r.join("d/y.txt")).unwrap();
+            fs::write(r.join("new.txt"), "n").unwrap();
+            fs::write(r.join("b.tmp"), "b").unwrap();
+            (tmp, root, index, KnownTree::from_manifest(&m))
+        }
+
+        fn batch() -> Batch {
+            Batch {
+                changes: vec![
+                    PathChange::Remove {
+                        path: p("gone.txt"),
+                    },
+                    PathChange::Rename {
+                        from: p("d/x.txt"),
+                        to: p("d/y.txt"),
+                    },
+                    PathChange::Upsert { path: p("new.txt") },
+                    PathChange::Upsert { path: p("b.tmp") },
+                ],
+            }
+        }
+
+        fn shape(changes: &[Change]) -> Vec<String> {
+            changes
+                .iter()
+                .map(|c| match c {
+                    Change::Upsert(e) => format!("upsert {}", e.path),
+                    Change::Remove(p) => format!("remove {p}"),
+                    Change::Rename { from, to } => format!("rename {from} {to}"),
+                })
+                .collect()
+        }
+
+        fn filter(commands: CommandMask) -> Filter {
+            Filter::new(vec![], vec![Pattern::glob("*.tmp").unwrap()], commands)
+        }
+
+        #[test]
+        fn excluded_paths_and_forbidden_commands_do_not_ship() {
+            let (_tmp, root, mut index, mut known) = setup();
+            let no_delete = filter(CommandMask {
+                delete: false,
+                ..CommandMask::ALL
+            });
+            let r = resolve(&root, &mut index, &batch(), &no_delete, Some(&mut known)).unwrap();
+            assert!(!r.full);
+            assert_eq!(
+                shape(&r.changes),
+                ["rename d/x.txt d/y.txt", "upsert new.txt", "upsert d"],
+                "no removal (delete off), no b.tmp (excluded)"
+            );
+            assert_eq!(
+                known.get(&p("gone.txt")),
+                Some(false),
+                "still on the replicas"
+            );
+            assert_eq!(known.get(&p("d/x.txt")), None);
+            assert_eq!(known.get(&p("d/y.txt")), Some(false));
+            assert_eq!(known.get(&p("new.txt")), Some(false));
+            assert_eq!(known.get(&p("b.tmp")), None);
+
+            // The same without a filter: everything ships, as the coalescer made it.
+            let (_tmp, root, mut index, _) = setup();
+            let r = resolve(&root, &mut index, &batch(), &Filter::default(), None).unwrap();
+            assert_eq!(
+                shape(&r.changes),
+                [
+                    "remove gone.txt",
+                    "rename d/x.txt d/y.txt",
+                    "upsert new.txt",
+                    "upsert b.tmp",
+                    "upsert d"
+                ]
+            );
+        }
+
+        #[test]
+        fn a_forbidden_move_ships_as_its_allowed_parts() {
+            let (_tmp, root, mut index, mut known) = setup();
+            let no_move = filter(CommandMask {
+                r#move: false,
+                create: false,
+                ..CommandMask::ALL
+            });
+            let r = resolve(&root, &mut index, &batch(), &no_move, Some(&mut known)).unwrap();
+            // create off: neither d/y.txt (the move's create part) nor new.txt.
+            assert_eq!(
+                shape(&r.changes),
+                ["remove gone.txt", "remove d/x.txt", "upsert d"]
+            );
+            let (_tmp, root, mut index, mut known) = setup();
+            let no_move = filter(CommandMask {
+                r#move: false,
+                ..CommandMask::ALL
+            });
+            let r = resolve(&root, &mut index, &batch(), &no_move, Some(&mut known)).unwrap();
+            assert_eq!(
+                shape(&r.changes),
+                [
+                    "remove gone.txt",
+                    "upsert d/y.txt",
+                    "remove d/x.txt",
+                    "upsert new.txt",
+                    "upsert d"
+                ]
+            );
+        }
+
+        #[test]
+        fn update_off_keeps_what_the_replicas_have() {
+            let (tmp, root, mut index, mut known) = setup();
+            fs::write(tmp.path().join("a.txt"), "changed").unwrap();
+            let no_update = filter(CommandMask {
+                update: false,
+                ..CommandMask::ALL
+            });
+            let b = Batch {
+                changes: vec![
+                    PathChange::Upsert { path: p("a.txt") },
+                    PathChange::Upsert { path: p("new.txt") },
+                ],
+            };
+            let r = resolve(&root, &mut index, &b, &no_update, Some(&mut known)).unwrap();
+            assert_eq!(shape(&r.changes), ["upsert new.txt"]);
+        }
+
+        #[test]
+        fn nothing_known_means_a_full_reconcile() {
+            let (_tmp, root, mut index, _) = setup();
+            let r = resolve(&root, &mut index, &batch(), &filter(CommandMask::ALL), None).unwrap();
+            assert!(r.full && r.changes.is_empty(), "{r:?}");
+        }
+
+        #[test]
+        fn the_known_tree_follows_changes() {
+            let m = |v: &[(&str, bool)]| KnownTree {
+                paths: v.iter().map(|(s, d)| (s.as_bytes().to_vec(), *d)).collect(),
+            };
+            let mut k = m(&[("a", true), ("a/x", false), ("a/y", true), ("a.b", false)]);
+            k.record(&Change::Rename {
+                from: p("a"),
+                to: p("c"),
+            });
+            assert_eq!(
+                k,
+                m(&[("a.b", false), ("c", true), ("c/x", false), ("c/y", true)])
+            );
+            k.record(&Change::Remove(p("c")));
+            assert_eq!(k, m(&[("a.b", false)]));
+            k.record(&Change::Rename {
+                from: p("nothing"),
+                to: p("a.b"),
+            });
+            assert_eq!(k, m(&[("a.b", false)]), "a move of nothing changes nothing");
+        }
     }
 
     #[test]
@@ -622,6 +1072,7 @@ mod writer_tests {
 mod resolve_tests {
     use cd_core::changeset::{Change, ChangeBody, ChangeSet};
     use cd_core::coalesce::{Batch, PathChange};
+    use cd_core::filter::Filter;
     use cd_core::manifest::{Entry, EntryKind, Manifest, Meta};
     use cd_core::path::RelPath;
 
@@ -645,7 +1096,7 @@ mod resolve_tests {
         let batch = Batch {
             changes: vec![PathChange::Rescan { path: Some(p("a")) }],
         };
-        let r = resolve(&root, &mut index, &batch).unwrap();
+        let r = resolve(&root, &mut index, &batch, &Filter::default(), None).unwrap();
         assert!(!r.full);
         assert_eq!(r.rescanned, 1);
         assert_eq!(r.changes[0], Change::Remove(p("a")));
@@ -692,7 +1143,7 @@ mod resolve_tests {
 
         // A lost subtree that no longer exists on the source is removed.
         std::fs::remove_dir_all(tmp.path().join("a")).unwrap();
-        let r = resolve(&root, &mut index, &batch).unwrap();
+        let r = resolve(&root, &mut index, &batch, &Filter::default(), None).unwrap();
         assert_eq!(r.changes, [Change::Remove(p("a"))]);
     }
 }

@@ -194,6 +194,14 @@ impl Shipped {
 
     /// Writes the record to `path` (via a fsynced temporary file and a rename).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        // The periodic save and the one at shutdown take turns on the temporary file.
+        static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = SAVING.lock().unwrap_or_else(|e| e.into_inner());
+        // Never backwards: a slow periodic save must not replace the newer record
+        // written at shutdown.
+        if peek_seq(path).is_some_and(|old| old > self.seq) {
+            return Ok(());
+        }
         let mut buf = Vec::with_capacity(64 + self.entries.len() * 96);
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&VERSION.to_le_bytes());
@@ -217,6 +225,15 @@ impl Shipped {
     pub fn discard(path: &Path) {
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// The `seq` in the header of the record at `path` (the rest is not checked).
+fn peek_seq(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    (&head[..8] == MAGIC && head[8..12] == VERSION.to_le_bytes())
+        .then(|| u64::from_le_bytes(head[12..20].try_into().unwrap()))
 }
 
 #[cfg(test)]
@@ -338,6 +355,9 @@ mod tests {
         let s = Shipped::from_manifest(42, &m);
         s.save(&path).unwrap();
         assert_eq!(Shipped::load(&path), Some(s));
+        // Saves never go backwards.
+        Shipped::from_manifest(41, &m).save(&path).unwrap();
+        assert_eq!(Shipped::load(&path).map(|r| r.seq), Some(42));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[30] ^= 1;
         std::fs::write(&path, &bytes).unwrap();

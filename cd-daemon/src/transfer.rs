@@ -11,7 +11,12 @@
 //! ```
 //!
 //! The replica plans against its own scan, so content it already holds (a renamed
-//! file) is moved locally, never re-sent, and a drifted replica is repaired. A file
+//! file) is moved locally, never re-sent, and a drifted replica is repaired. What it
+//! plans towards is what the source sent passed through the content set's filter
+//! ([`Filter::reconcile_target`]): entries the filter excludes are never taken from the
+//! source and never removed from the replica, and the command mask holds (with
+//! `delete` off, a file the source no longer has stays). The source filters too; the
+//! replica does not rely on it. A file
 //! that changes while the source reads it is detected by comparing `fstat` before and
 //! after the read and by its hash; it is re-read (torn copies are never shipped), and
 //! content that differs from the manifest is aborted and left for the next round of
@@ -21,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cd_core::changeset::{Change, ChangeBody, ChangeSet};
+use cd_core::filter::Filter;
 use cd_core::manifest::{Entry, Hash, Manifest};
 use cd_core::path::RelPath;
 use cd_core::plan::{Plan, PlanOptions};
@@ -332,6 +338,8 @@ pub struct ReceiveContext {
     /// Where [`ReplicaState::last_applied`] is persisted.
     pub state_path: std::path::PathBuf,
     pub owner: bool,
+    /// The content set's filter, as this node was assigned it.
+    pub filter: Arc<Filter>,
 }
 
 /// Replica-side outcome, for status and logs.
@@ -467,7 +475,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                     local
                 }
             };
-            let desired = if begin.full {
+            let received = if begin.full {
                 Manifest::from_entries(entries)
             } else {
                 ChangeSet {
@@ -478,6 +486,13 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 .desired(&local)
             }
             .map_err(|e| TransferError::BadManifest(e.to_string()))?;
+            // An incremental body is judged by the tree it leads to: a rename the mask
+            // forbids becomes its create and delete parts, each subject to the mask.
+            let desired = if ctx.filter.is_noop() {
+                received
+            } else {
+                ctx.filter.reconcile_target(&received, &local)
+            };
             let plan = cd_core::plan::plan(&desired, &local, PlanOptions { owner });
             Ok((root, plan, desired))
         })?;

@@ -1,5 +1,6 @@
 //! Conversions between wire entries ([`pb::Entry`]) and domain entries
-//! ([`cd_core::manifest::Entry`]).
+//! ([`cd_core::manifest::Entry`]), wire and domain changes, and wire and domain
+//! content-set filters ([`pb::Filter`], [`cd_core::filter::Filter`]).
 //!
 //! Wire entries come from the network and are untrusted, so the conversion from the
 //! wire validates everything the domain type takes for granted. It is also strict: a
@@ -7,6 +8,7 @@
 //! symlink) must be zero or empty, so that every accepted wire entry has exactly one
 //! domain meaning and converting back yields the same wire entry.
 
+use cd_core::filter::{CommandMask, Filter, FilterError, Pattern};
 use cd_core::manifest::{Entry, EntryKind, Hash, Meta};
 use cd_core::path::{PathError, RelPath};
 
@@ -678,6 +680,194 @@ mod change_tests {
             Change::try_from(abs),
             Err(ConvertError::ChangePath {
                 reason: PathError::Absolute,
+                ..
+            })
+        ));
+    }
+}
+
+/// Why a wire [`pb::Filter`] is not a valid [`Filter`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FilterConvertError {
+    #[error("filter {list} pattern {index} ({pattern:?}) has unknown or unspecified kind {kind}")]
+    PatternKind {
+        list: &'static str,
+        index: usize,
+        pattern: String,
+        kind: i32,
+    },
+    #[error("filter {list} pattern {index}: {source}")]
+    Pattern {
+        list: &'static str,
+        index: usize,
+        #[source]
+        source: FilterError,
+    },
+}
+
+fn patterns_from_wire(
+    list: &'static str,
+    pats: &[pb::Pattern],
+) -> Result<Vec<Pattern>, FilterConvertError> {
+    pats.iter()
+        .enumerate()
+        .map(|(index, p)| {
+            let compiled = match pb::PatternKind::try_from(p.kind) {
+                Ok(pb::PatternKind::Glob) => Pattern::glob(&p.pattern),
+                Ok(pb::PatternKind::Regex) => Pattern::regex(&p.pattern),
+                Ok(pb::PatternKind::Unspecified) | Err(_) => {
+                    return Err(FilterConvertError::PatternKind {
+                        list,
+                        index,
+                        pattern: p.pattern.clone(),
+                        kind: p.kind,
+                    });
+                }
+            };
+            compiled.map_err(|source| FilterConvertError::Pattern {
+                list,
+                index,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Compiles a content set's filter as the master sent it. A pattern of unknown kind or
+/// one that does not compile is refused (regexes use the `regex` crate: linear-time
+/// matching, bounded compiled size).
+impl TryFrom<&pb::Filter> for Filter {
+    type Error = FilterConvertError;
+
+    fn try_from(f: &pb::Filter) -> Result<Self, Self::Error> {
+        Ok(Filter::new(
+            patterns_from_wire("include", &f.include)?,
+            patterns_from_wire("exclude", &f.exclude)?,
+            CommandMask {
+                create: !f.deny_create,
+                update: !f.deny_update,
+                delete: !f.deny_delete,
+                r#move: !f.deny_move,
+                erase: !f.deny_erase,
+            },
+        ))
+    }
+}
+
+impl From<&Filter> for pb::Filter {
+    fn from(f: &Filter) -> Self {
+        let wire = |pats: &[Pattern]| {
+            pats.iter()
+                .map(|p| pb::Pattern {
+                    kind: match p {
+                        Pattern::Glob(_) => pb::PatternKind::Glob,
+                        Pattern::Regex(_) => pb::PatternKind::Regex,
+                    } as i32,
+                    pattern: p.as_str().to_owned(),
+                })
+                .collect()
+        };
+        let m = f.commands();
+        pb::Filter {
+            include: wire(f.include()),
+            exclude: wire(f.exclude()),
+            deny_create: !m.create,
+            deny_update: !m.update,
+            deny_delete: !m.delete,
+            deny_move: !m.r#move,
+            deny_erase: !m.erase,
+        }
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    fn glob(s: &str) -> pb::Pattern {
+        pb::Pattern {
+            kind: pb::PatternKind::Glob as i32,
+            pattern: s.into(),
+        }
+    }
+
+    #[test]
+    fn filters_round_trip() {
+        let f = Filter::new(
+            vec![
+                Pattern::glob("*.html").unwrap(),
+                Pattern::regex("^static/").unwrap(),
+            ],
+            vec![Pattern::glob("cache/").unwrap()],
+            CommandMask {
+                delete: false,
+                erase: false,
+                ..CommandMask::ALL
+            },
+        );
+        let w = pb::Filter::from(&f);
+        assert!(w.deny_delete && w.deny_erase && !w.deny_create && !w.deny_move);
+        assert_eq!(w.include[1].kind, pb::PatternKind::Regex as i32);
+        assert_eq!(Filter::try_from(&w).unwrap(), f);
+    }
+
+    #[test]
+    fn an_empty_wire_filter_is_everything() {
+        let f = Filter::try_from(&pb::Filter::default()).unwrap();
+        assert!(f.is_noop(), "{f:?}");
+    }
+
+    #[test]
+    fn bad_wire_filters_are_refused() {
+        let unspecified = pb::Filter {
+            exclude: vec![
+                glob("ok"),
+                pb::Pattern {
+                    kind: 0,
+                    pattern: "x".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Filter::try_from(&unspecified),
+            Err(FilterConvertError::PatternKind {
+                list: "exclude",
+                index: 1,
+                ..
+            })
+        ));
+        let unknown = pb::Filter {
+            include: vec![pb::Pattern {
+                kind: 9,
+                pattern: "x".into(),
+            }],
+            ..Default::default()
+        };
+        assert!(Filter::try_from(&unknown).is_err());
+        let bad_glob = pb::Filter {
+            include: vec![glob("[z-a]")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Filter::try_from(&bad_glob),
+            Err(FilterConvertError::Pattern {
+                list: "include",
+                index: 0,
+                source: FilterError::Glob { .. }
+            })
+        ));
+        let bad_regex = pb::Filter {
+            exclude: vec![pb::Pattern {
+                kind: pb::PatternKind::Regex as i32,
+                pattern: "(".into(),
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Filter::try_from(&bad_regex),
+            Err(FilterConvertError::Pattern {
+                source: FilterError::Regex { .. },
                 ..
             })
         ));

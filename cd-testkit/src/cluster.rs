@@ -62,6 +62,11 @@ pub struct ClusterSpec {
     pub capture: Option<&'static str>,
     /// `ring_buffer_mib` of every node (the eBPF ring buffer); `None` = default.
     pub ring_buffer_mib: Option<u32>,
+    /// Extra lines of the master's content-set table, written as given after the
+    /// others (e.g. `exclude = ["*.tmp"]`, `commands = { delete = false }`). The table
+    /// ends the master's config, so a test may append more lines to
+    /// [`Cluster::config`]`(MASTER)` and [`Cluster::restart`] the master.
+    pub set_lines: Vec<String>,
     /// How long to wait for a daemon to come up or a node to (re)connect.
     pub startup_timeout: Duration,
     /// How long a `cdctl sync` may take before it is killed and reported.
@@ -83,6 +88,7 @@ impl ClusterSpec {
             mode: None,
             capture: None,
             ring_buffer_mib: None,
+            set_lines: Vec::new(),
             startup_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(300),
         }
@@ -287,10 +293,14 @@ fn parse_sync(out: Finished) -> Result<SyncOutcome> {
     let targets = report["targets"]
         .as_array()
         .ok_or_else(|| anyhow!("job report has no `targets` array: {report}"))?;
-    let all_ok = targets.iter().all(|t| t["ok"] == true);
+    // A job that failed as a whole (e.g. the source could not scan) reports an error
+    // and may list no target at all.
+    let job_error = report["error"].as_str().is_some_and(|e| !e.is_empty());
+    let all_ok = !job_error && targets.iter().all(|t| t["ok"] == true);
     ensure!(
         (code == 0) == all_ok,
-        "cdctl sync exit code {code} contradicts the report (all targets ok: {all_ok}): {report}"
+        "cdctl sync exit code {code} contradicts the report (job error: {job_error}, \
+         all targets ok: {all_ok}): {report}"
     );
     Ok(SyncOutcome {
         exit_code: code,
@@ -418,6 +428,9 @@ impl Cluster {
         }
         if let Some(m) = cluster.spec.mode {
             let _ = writeln!(cfg, "mode = {}", toml_str(m));
+        }
+        for line in &cluster.spec.set_lines {
+            let _ = writeln!(cfg, "{line}");
         }
         cluster.add_daemon(MASTER, &cfg, None)?;
         cluster.spawn(MASTER)?;
@@ -856,6 +869,9 @@ mod tests {
         assert!(parse_sync(fin(0, bad)).is_err());
         assert!(parse_sync(fin(2, bad)).is_err());
         assert!(parse_sync(fin(0, "not json")).is_err());
+        let failed_job = r#"{"job_id":1,"error":"scan failed","targets":[]}"#;
+        assert_eq!(parse_sync(fin(1, failed_job)).unwrap().exit_code, 1);
+        assert!(parse_sync(fin(0, failed_job)).is_err());
         let out = parse_sync(fin(0, ok)).unwrap();
         assert_eq!(out.target("node2").unwrap()["ok"], true);
         assert!(out.target("node3").is_err());

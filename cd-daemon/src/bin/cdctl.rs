@@ -203,6 +203,7 @@ fn render_status(v: &serde_json::Value) -> String {
                 c["source"].as_str().unwrap_or("?"),
                 c["targets"]
             );
+            s += &render_filter(&c["filter"]);
         }
     }
     if let Some(n) = v["node"].as_object() {
@@ -249,12 +250,43 @@ fn render_status(v: &serde_json::Value) -> String {
                 c["name"].as_str().unwrap_or("?"),
                 c["root"].as_str().unwrap_or("?")
             );
+            s += &render_filter(&c["filter"]);
         }
     }
     for e in v["errors"].as_array().into_iter().flatten() {
         s += &format!("error: {}\n", e.as_str().unwrap_or("?"));
     }
     s.trim_end().to_owned()
+}
+
+/// A `    filter: ...` line for a content set's filter, or nothing when it filters nothing.
+fn render_filter(f: &serde_json::Value) -> String {
+    let list = |key: &str| {
+        let v: Vec<&str> = f[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect();
+        (!v.is_empty()).then(|| format!("{key} {}", v.join(" ")))
+    };
+    let denied: Vec<&str> = ["create", "update", "delete", "move", "erase"]
+        .into_iter()
+        .filter(|c| f["commands"][*c].as_bool() == Some(false))
+        .collect();
+    let parts: Vec<String> = [
+        list("include"),
+        list("exclude"),
+        (!denied.is_empty()).then(|| format!("no {}", denied.join(", no "))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("    filter: {}\n", parts.join("; "))
+    }
 }
 
 fn render_job(v: &serde_json::Value) -> String {

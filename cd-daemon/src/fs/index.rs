@@ -126,6 +126,10 @@ impl HashIndex {
     /// Writes the index to `path` atomically (temporary file, fsync, rename, fsync of
     /// the directory).
     pub fn save(&self, path: &Path) -> Result<(), FsError> {
+        // A job and the real-time loop of one content set may both save its index;
+        // saves take turns, so they never share the temporary file.
+        static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = SAVING.lock().unwrap_or_else(|e| e.into_inner());
         let bytes = self.encode();
         let shown = path.display();
         // A fixed temporary name: a save interrupted by a crash leaves at most one

@@ -345,10 +345,11 @@ struct FsState {
     nested: bool,
     /// Current batch generation (see [`Node::failed_gen`]).
     batch_gen: u64,
-    /// The previous event, when it was a `FAN_RENAME` with a target handle: (old,
-    /// new, moved object). `renameat2(RENAME_EXCHANGE)` arrives as two adjacent
-    /// renames with swapped sides and different objects.
-    last_rename: Option<(DirName, DirName, Handle)>,
+    /// The previous event of a process, when it was a `FAN_RENAME` with a target
+    /// handle: (pid, old, new, moved object). `renameat2(RENAME_EXCHANGE)` arrives as
+    /// two renames of one process, adjacent among its events (other processes' events
+    /// may come between), with swapped sides and different objects.
+    last_rename: Option<(u32, DirName, DirName, Handle)>,
 }
 
 impl FsState {
@@ -1191,7 +1192,9 @@ impl FanotifyWatcher {
         if ev.mask & libc::FAN_RENAME != 0 {
             return process_rename(fs, &mut self.ready, ev);
         }
-        fs.last_rename = None;
+        if fs.last_rename.as_ref().is_some_and(|l| l.0 == pid) {
+            fs.last_rename = None;
+        }
         let Some(at) = &ev.dir else {
             // Inode-only event on a non-directory (e.g. the link-count FAN_ATTRIB
             // of `link`): no parent, no name, nothing to report.
@@ -1329,14 +1332,18 @@ fn process_rename(
     let olds = side(fs, &ev.old)?;
     let news = side(fs, &ev.new)?;
     let this = match (&ev.old, &ev.new, &ev.child) {
-        (Some(o), Some(n), Some(c)) => Some((o.clone(), n.clone(), c.clone())),
+        (Some(o), Some(n), Some(c)) => Some((ev.pid, o.clone(), n.clone(), c.clone())),
         _ => None,
     };
     let exchange = matches!(
         (&fs.last_rename, &this),
-        (Some((po, pn, pc)), Some((o, n, c))) if po == n && pn == o && pc != c
+        (Some((pp, po, pn, pc)), Some((p, o, n, c))) if pp == p && po == n && pn == o && pc != c
     );
-    fs.last_rename = if exchange { None } else { this };
+    if exchange {
+        fs.last_rename = None;
+    } else if this.is_some() || fs.last_rename.as_ref().is_some_and(|l| l.0 == ev.pid) {
+        fs.last_rename = this;
+    }
     if exchange {
         // The second half of `RENAME_EXCHANGE`: the first was reported as a rename;
         // both names now hold each other's object, which no rename describes.

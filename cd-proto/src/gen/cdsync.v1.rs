@@ -220,6 +220,43 @@ pub struct ContentSetAssignment {
     /// The source captures changes in the kernel and ships them as they happen.
     #[prost(bool, tag = "7")]
     pub realtime: bool,
+    /// Which paths the content set syncs and which changes it may make on a replica.
+    /// Sent to the source and to every target: both ends apply it. Absent = everything.
+    #[prost(message, optional, tag = "8")]
+    pub filter: ::core::option::Option<Filter>,
+}
+/// A content set's filter (cd_core::filter): include/exclude patterns matched against
+/// the path relative to the content root, and the commands a replica may perform.
+/// Every field's zero value means "no restriction", so an absent Filter, an empty one
+/// and one from an older master all mean: sync everything, allow every command.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Filter {
+    /// Empty: every path is included.
+    #[prost(message, repeated, tag = "1")]
+    pub include: ::prost::alloc::vec::Vec<Pattern>,
+    #[prost(message, repeated, tag = "2")]
+    pub exclude: ::prost::alloc::vec::Vec<Pattern>,
+    /// Commands the replicas must not perform (CD-Master's CREATE, UPDATE, DELETE,
+    /// MOVE, ERASE): create paths a replica lacks, update paths it has, delete files
+    /// and symlinks, move/rename (a forbidden move is done as create + delete, each
+    /// subject to its own flag), erase directories.
+    #[prost(bool, tag = "3")]
+    pub deny_create: bool,
+    #[prost(bool, tag = "4")]
+    pub deny_update: bool,
+    #[prost(bool, tag = "5")]
+    pub deny_delete: bool,
+    #[prost(bool, tag = "6")]
+    pub deny_move: bool,
+    #[prost(bool, tag = "7")]
+    pub deny_erase: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Pattern {
+    #[prost(enumeration = "PatternKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub pattern: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Peer {
@@ -463,6 +500,38 @@ pub struct ApplyResult {
     /// (a gap in sequence numbers, or no base); the source sends a full manifest.
     #[prost(bool, tag = "9")]
     pub need_full: bool,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PatternKind {
+    /// refused: a receiver cannot guess the syntax
+    Unspecified = 0,
+    /// cd_core::filter::Pattern::glob
+    Glob = 1,
+    /// cd_core::filter::Pattern::regex
+    Regex = 2,
+}
+impl PatternKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "PATTERN_KIND_UNSPECIFIED",
+            Self::Glob => "PATTERN_KIND_GLOB",
+            Self::Regex => "PATTERN_KIND_REGEX",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PATTERN_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "PATTERN_KIND_GLOB" => Some(Self::Glob),
+            "PATTERN_KIND_REGEX" => Some(Self::Regex),
+            _ => None,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
