@@ -13,10 +13,15 @@
 //!   owner, mtime, symlink targets and hard-link structure.
 //! - [`cluster`]: launches a master and nodes as real `cdd` processes on loopback,
 //!   drives them with `cdctl`, and tears them down on drop.
+//! - [`build`]: builds the release daemon for the tools that launch clusters.
+//! - [`realtime`]: change→replica latency and burst replication of a real-time
+//!   cluster, measured from the outside (the demo and the benchmarks share it).
 
+pub mod build;
 pub mod cluster;
 pub mod compare;
 pub mod mutate;
+pub mod realtime;
 pub mod tree;
 
 #[expect(
