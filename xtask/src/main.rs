@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cd_testkit::build::{self, cargo, workspace_root};
 use cd_testkit::cluster::{Cluster, ClusterSpec, SyncOutcome, counter};
 use cd_testkit::compare::compare;
+use cd_testkit::human_bytes;
 use cd_testkit::mutate::{MutateSpec, mutate};
 use cd_testkit::realtime;
 use cd_testkit::tree::{TreeSpec, generate};
@@ -392,22 +393,6 @@ struct Row {
     detail: String,
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    #[expect(clippy::cast_precision_loss, reason = "display only")]
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// Summary of a job report for the table.
 fn job_detail(out: &SyncOutcome) -> String {
     let r = &out.report;
@@ -718,12 +703,5 @@ mod tests {
     fn unknown_test_phase_is_refused() {
         let err = test(&args(&["lint"])).unwrap_err();
         assert!(format!("{err}").contains("unknown phase `lint`"), "{err}");
-    }
-
-    #[test]
-    fn bytes_are_human() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
     }
 }
