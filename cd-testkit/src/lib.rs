@@ -14,7 +14,11 @@
 //!   owner, mtime, symlink targets and hard-link structure.
 //! - [`cluster`]: launches a master and nodes as real `cdd` processes on loopback,
 //!   drives them with `cdctl`, and tears them down on drop.
+//! - [`build`]: builds the release daemon for the tools that launch clusters.
+//! - [`realtime`]: change→replica latency and burst replication of a real-time
+//!   cluster, measured from the outside (the demo and the benchmarks share it).
 
+pub mod build;
 pub mod cluster;
 pub mod compare;
 #[expect(
@@ -23,6 +27,7 @@ pub mod compare;
 )]
 pub mod fileops;
 pub mod mutate;
+pub mod realtime;
 pub mod tree;
 
 #[expect(
@@ -57,5 +62,35 @@ pub fn show_path(p: &std::path::Path) -> String {
     match p.to_str() {
         Some(s) => s.to_owned(),
         None => format!("{p:?}"),
+    }
+}
+
+/// A byte count for humans: `12 B`, `1.5 KiB`, `3.0 MiB`, `2.0 GiB`.
+#[must_use]
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    #[expect(clippy::cast_precision_loss, reason = "display only")]
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
     }
 }

@@ -14,9 +14,12 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use cd_testkit::build::{self, cargo, workspace_root};
 use cd_testkit::cluster::{Cluster, ClusterSpec, SyncOutcome, counter};
 use cd_testkit::compare::compare;
+use cd_testkit::human_bytes;
 use cd_testkit::mutate::{MutateSpec, mutate};
+use cd_testkit::realtime;
 use cd_testkit::tree::{TreeSpec, generate};
 use serde_json::Value;
 
@@ -58,19 +61,6 @@ fn run() -> Result<()> {
         Some(other) => bail!("unknown task `{other}`\n\n{USAGE}"),
         None => bail!("no task given\n\n{USAGE}"),
     }
-}
-
-/// The workspace root (parent of this crate).
-fn workspace_root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
-}
-
-/// The cargo that runs us (so that `cargo +toolchain xtask` stays consistent).
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(workspace_root());
-    c
 }
 
 fn secs(d: Duration) -> String {
@@ -403,45 +393,6 @@ struct Row {
     detail: String,
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    #[expect(clippy::cast_precision_loss, reason = "display only")]
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-/// Builds cdd and cdctl in release mode; returns their paths.
-fn build_release() -> Result<(PathBuf, PathBuf)> {
-    let status = cargo()
-        .args(["build", "-j2", "--release", "-p", "cd-daemon", "--bins"])
-        .status()
-        .context("starting cargo build")?;
-    ensure!(
-        status.success(),
-        "cargo build of cd-daemon failed ({status})"
-    );
-    let out = cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()
-        .context("running cargo metadata")?;
-    ensure!(out.status.success(), "cargo metadata failed");
-    let meta: Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
-    let target = meta["target_directory"]
-        .as_str()
-        .context("cargo metadata has no target_directory")?;
-    let dir = Path::new(target).join("release");
-    Ok((dir.join("cdd"), dir.join("cdctl")))
-}
-
 /// Summary of a job report for the table.
 fn job_detail(out: &SyncOutcome) -> String {
     let r = &out.report;
@@ -483,26 +434,6 @@ fn job_detail(out: &SyncOutcome) -> String {
     s
 }
 
-/// Waits until every target of `c` equals its source, or `limit` passes.
-fn wait_replicas(c: &Cluster, limit: Duration) -> Result<Vec<String>> {
-    let source = c.root(c.source())?;
-    let start = Instant::now();
-    loop {
-        let mut diffs = Vec::new();
-        for t in c.targets() {
-            diffs.extend(
-                compare(&source, &c.root(&t)?)?
-                    .into_iter()
-                    .map(|d| format!("{t}: {d}")),
-            );
-        }
-        if diffs.is_empty() || start.elapsed() > limit {
-            return Ok(diffs);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Starts a real-time cluster, measures change→replica latency of 4 KiB writes (until
 /// the new bytes are readable on every replica, polled from outside the daemons) and
 /// replicates a burst of files written while it runs. Returns whether all went well.
@@ -517,106 +448,59 @@ fn realtime_stage(
     let mut spec = ClusterSpec::new(args.targets + 1, dir, cdd, cdctl);
     spec.mode = Some("realtime");
     let c = Cluster::start(spec)?;
-    let mut backend = Value::Null;
-    let until = Instant::now() + Duration::from_secs(20);
-    while backend.is_null() && Instant::now() < until {
-        backend = c.status(c.source())?["node"]["capture"].clone();
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    ensure!(
-        !backend.is_null(),
-        "real-time capture did not start on the source:\n{}",
-        c.diagnostics()
-    );
+    let capture = realtime::wait_capture(&c, Duration::from_secs(20))?;
     rows.push(Row {
         step: "start realtime".into(),
         took: t.elapsed(),
         detail: format!(
             "second cluster, mode = realtime; capture {} ({})",
-            backend["backend"].as_str().unwrap_or("?"),
-            backend["reason"].as_str().unwrap_or("?")
+            capture["backend"].as_str().unwrap_or("?"),
+            capture["reason"].as_str().unwrap_or("?")
         ),
     });
-    let source = c.root(c.source())?;
-    let targets: Vec<PathBuf> = c
-        .targets()
-        .iter()
-        .map(|t| c.root(t))
-        .collect::<Result<_>>()?;
-    std::fs::create_dir(source.join("latency"))?;
-    ensure!(
-        wait_replicas(&c, Duration::from_secs(30))?.is_empty(),
-        "replicas did not converge"
-    );
+    realtime::replicated_dir(&c, "latency", Duration::from_secs(30))?;
 
     const SAMPLES: usize = 50;
     let t = Instant::now();
-    let mut lat = Vec::with_capacity(SAMPLES);
-    for i in 0..SAMPLES {
-        let data: Vec<u8> = (0..4096usize)
-            .map(|k| (k.wrapping_mul(31) ^ i.wrapping_mul(97)) as u8)
-            .collect();
-        let rel = format!("latency/sample-{i}.bin");
-        let start = Instant::now();
-        std::fs::write(source.join(&rel), &data)?;
-        loop {
-            if targets
-                .iter()
-                .all(|r| std::fs::read(r.join(&rel)).is_ok_and(|d| d == data))
-            {
-                break;
-            }
-            ensure!(
-                start.elapsed() < Duration::from_secs(30),
-                "{rel} did not reach every replica in 30 s"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        lat.push(start.elapsed());
-    }
-    lat.sort();
-    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+    let lat = realtime::measure_latency(&c, "latency", SAMPLES, 4096, Duration::from_secs(30))?;
+    let st = realtime::LatencyStats::new(&lat).context("no latency samples")?;
     rows.push(Row {
         step: "realtime 4 KiB".into(),
         took: t.elapsed(),
         detail: format!(
             "{SAMPLES} writes, change -> readable on all {} replicas: p50 {:.1} ms, p99 {:.1} ms",
-            targets.len(),
-            pct(0.50).as_secs_f64() * 1e3,
-            pct(0.99).as_secs_f64() * 1e3
+            args.targets,
+            st.p50.as_secs_f64() * 1e3,
+            st.p99.as_secs_f64() * 1e3
         ),
     });
 
-    let t = Instant::now();
-    let burst = source.join("burst");
-    std::fs::create_dir(&burst)?;
     let files = (args.files / 2).max(100);
-    let s = generate(&burst, &TreeSpec::new(files, 7))?;
-    let diffs = wait_replicas(&c, Duration::from_secs(120))?;
+    let b = realtime::burst(&c, "burst", files, 7, Duration::from_secs(120))?;
     rows.push(Row {
         step: "realtime burst".into(),
-        took: t.elapsed(),
-        detail: if diffs.is_empty() {
+        took: b.took,
+        detail: if b.diffs.is_empty() {
             format!(
                 "{} files, {} written while running, no sync command: all replicas identical",
-                s.files,
-                human_bytes(s.bytes)
+                b.summary.files,
+                human_bytes(b.summary.bytes)
             )
         } else {
             format!(
                 "DIFFERENT after 120 s: {} differences, first: {}",
-                diffs.len(),
-                diffs[0]
+                b.diffs.len(),
+                b.diffs[0]
             )
         },
     });
-    Ok(diffs.is_empty())
+    Ok(b.diffs.is_empty())
 }
 
 fn demo(args: &DemoArgs) -> Result<()> {
     let mut rows = Vec::new();
     let t = Instant::now();
-    let (cdd, cdctl) = build_release()?;
+    let (cdd, cdctl) = build::release_daemon()?;
     rows.push(Row {
         step: "build".into(),
         took: t.elapsed(),
@@ -819,12 +703,5 @@ mod tests {
     fn unknown_test_phase_is_refused() {
         let err = test(&args(&["lint"])).unwrap_err();
         assert!(format!("{err}").contains("unknown phase `lint`"), "{err}");
-    }
-
-    #[test]
-    fn bytes_are_human() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
     }
 }

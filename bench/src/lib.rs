@@ -1,3 +1,0 @@
-//! Side-by-side benchmarks of cdsync against rsync, lsyncd and Syncthing.
-//!
-//! Empty until the benchmarks issue: `cargo xtask bench` will drive the harness here.

@@ -1,0 +1,60 @@
+//! cdsync benchmarks. One subcommand per benchmark:
+//!
+//! - `realtime`: the real-time path of a local cluster: change→replica latency of small
+//!   writes, replication of a burst of files, and what the source daemon and its
+//!   kernel capture cost in CPU, per capture backend (see [`realtime`]).
+//!
+//! Run as root from the workspace: `cargo run -p bench --release -j2 -- realtime`.
+//! See `bench/README.md`.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+
+mod args;
+mod procfs;
+mod realtime;
+#[expect(
+    unsafe_code,
+    reason = "libc calls std lacks: sysconf(_SC_CLK_TCK), bpf(BPF_ENABLE_STATS)"
+)]
+mod sys;
+mod table;
+
+const USAGE: &str = "\
+usage: bench <benchmark> [options]      (as root; from the workspace:
+       cargo run -p bench --release -j2 -- <benchmark> [options])
+
+benchmarks:
+  realtime [--samples N] [--burst N] [--replicas N] [--backend ebpf|fanotify|both]
+           [--size BYTES] [--dir DIR]
+        start a master, a source and N replicas (default 3) on 127.0.0.1 with a
+        real-time content set, per capture backend (default both), and measure:
+        change->replica latency of N writes (default 200) of BYTES (default 4096),
+        the replication of a burst of N files (default 20000) written while it runs,
+        and the CPU time of the source daemon and of its eBPF programs.
+        --dir DIR  work in DIR (kept, with the daemons' logs) instead of a temporary
+                   directory; the content roots live there too";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("realtime") => realtime::run(&realtime::Args::parse(&args[1..])?),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown benchmark `{other}`\n\n{USAGE}"),
+        None => bail!("no benchmark given\n\n{USAGE}"),
+    }
+}
