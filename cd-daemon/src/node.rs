@@ -791,8 +791,42 @@ impl Node {
             // the sequence moved on: replicas must move with it.
             tracing::debug!(content_set = set, seq, "empty batch");
         }
-        if let Some(r) = state.shipped.lock().unwrap().as_mut() {
-            r.apply(seq, &resolved.changes);
+        let mut resolved = resolved;
+        let unsourced = match state.shipped.lock().unwrap().as_mut() {
+            Some(r) => r.apply(seq, &resolved.changes),
+            None => Vec::new(),
+        };
+        if !unsourced.is_empty() {
+            // A rename whose source the replicas never got (its `Upsert` found the
+            // path already renamed away, so it shipped as a removal): moving nothing
+            // would leave the target stale. Ship the target as it is now instead.
+            let mut extra = Vec::new();
+            for to in &unsourced {
+                tokio::task::block_in_place(|| match fs::scan_subtree(&root, to, index)? {
+                    None => {
+                        extra.push(cd_core::changeset::Change::Remove(to.clone()));
+                        Ok::<_, fs::FsError>(())
+                    }
+                    Some(s) => {
+                        extra.extend(
+                            s.entries
+                                .into_iter()
+                                .map(cd_core::changeset::Change::Upsert),
+                        );
+                        Ok(())
+                    }
+                })?;
+            }
+            tracing::debug!(
+                content_set = set,
+                seq,
+                renames = unsourced.len(),
+                "renames without a source on the replicas ship their targets"
+            );
+            if let Some(r) = state.shipped.lock().unwrap().as_mut() {
+                r.apply(seq, &extra);
+            }
+            resolved.changes.extend(extra);
         }
         let out = Arc::new(Outgoing {
             content_set: set.to_owned(),

@@ -66,9 +66,12 @@ impl Shipped {
         self.entries.is_empty()
     }
 
-    /// Moves the record along by incremental change set `seq`.
-    pub fn apply(&mut self, seq: u64, changes: &[Change]) {
+    /// Moves the record along by incremental change set `seq`. Returns the targets
+    /// of renames whose source the record does not hold (the replicas will move
+    /// nothing there).
+    pub fn apply(&mut self, seq: u64, changes: &[Change]) -> Vec<RelPath> {
         self.seq = seq;
+        let mut unsourced = Vec::new();
         for c in changes {
             match c {
                 Change::Upsert(e) => {
@@ -79,6 +82,12 @@ impl Shipped {
                 }
                 Change::Rename { from, to } => {
                     let moved = self.take_subtree(from);
+                    if moved.is_empty() {
+                        // The replica keeps what it has at `to` (see
+                        // `cd_core::changeset`): the caller ships `to` itself.
+                        unsourced.push(to.clone());
+                        continue;
+                    }
                     self.take_subtree(to);
                     for (p, mut e) in moved {
                         let mut np = to.as_bytes().to_vec();
@@ -91,6 +100,7 @@ impl Shipped {
                 }
             }
         }
+        unsourced
     }
 
     /// Removes and returns `p` and everything beneath it.
@@ -298,6 +308,7 @@ mod tests {
             ],
         );
         assert_eq!(s.seq, 4);
+
         let paths: Vec<String> = s.entries.keys().map(RelPath::display).collect();
         assert_eq!(paths, ["c", "c/x", "c/y"]);
         assert_eq!(s.entries[&p("c/x")].path, p("c/x"));
@@ -316,6 +327,16 @@ mod tests {
         .desired(&m)
         .unwrap();
         assert_eq!(s, Shipped::from_manifest(4, &want));
+        // A rename the replicas cannot perform: its target is reported, kept.
+        let unsourced = s.apply(
+            5,
+            &[Change::Rename {
+                from: p("never-shipped"),
+                to: p("c/x"),
+            }],
+        );
+        assert_eq!(unsourced, [p("c/x")]);
+        assert!(s.entries.contains_key(&p("c/x")));
     }
 
     /// Differences become the fewest events that cover them.
