@@ -62,25 +62,35 @@ fn open_rw(p: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(p)
 }
 
-/// Submits one io_uring request and waits for its completion; returns the result.
+/// Submits one io_uring request on a fresh ring, waits for its completion and
+/// returns its raw result (a negative errno on failure).
 ///
 /// # Safety
 /// Every buffer and path `sqe` points to must outlive this call.
-unsafe fn uring_one(sqe: io_uring::squeue::Entry, what: &str) -> io::Result<i32> {
+pub unsafe fn uring_run(sqe: io_uring::squeue::Entry) -> io::Result<i32> {
     let mut ring = io_uring::IoUring::new(4)?;
     // SAFETY: the caller keeps what the entry points to alive until we return, and
     // we wait for the completion before returning.
     unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
     ring.submit_and_wait(1)?;
-    let cqe = ring
-        .completion()
+    ring.completion()
         .next()
-        .ok_or_else(|| io::Error::other(format!("{what}: no completion")))?;
-    if cqe.result() < 0 {
-        let e = io::Error::from_raw_os_error(-cqe.result());
+        .map(|cqe| cqe.result())
+        .ok_or_else(|| io::Error::other("io_uring: no completion"))
+}
+
+/// [`uring_run`], with a failed request as an error that says `what` failed.
+///
+/// # Safety
+/// As for [`uring_run`].
+unsafe fn uring_one(sqe: io_uring::squeue::Entry, what: &str) -> io::Result<i32> {
+    // SAFETY: passed on to the caller.
+    let r = unsafe { uring_run(sqe) }?;
+    if r < 0 {
+        let e = io::Error::from_raw_os_error(-r);
         return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
     }
-    Ok(cqe.result())
+    Ok(r)
 }
 
 /// Writes `data` at offset 0 of `path` with an io_uring WRITE.

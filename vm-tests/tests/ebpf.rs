@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use cd_core::event::EventKind;
 use cd_ebpf::{Capture, CaptureOptions, DecodedEvent};
+use cd_testkit::fileops;
 
 const ROOT: u32 = 7;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -171,77 +172,13 @@ fn open_rw(p: &Path) -> File {
     OpenOptions::new().read(true).write(true).open(p).unwrap()
 }
 
-fn uring_write(path: &Path) {
-    let f = OpenOptions::new().write(true).open(path).unwrap();
-    let mut ring = io_uring::IoUring::new(8).unwrap();
-    let buf = b"written by io_uring";
-    let sqe = io_uring::opcode::Write::new(
-        io_uring::types::Fd(f.as_raw_fd()),
-        buf.as_ptr(),
-        buf.len() as u32,
-    )
-    .offset(0)
-    .build()
-    .user_data(1);
-    // SAFETY: `buf` and `f` outlive the submission; we wait for the completion.
-    unsafe { ring.submission().push(&sqe).unwrap() };
-    ring.submit_and_wait(1).unwrap();
-    let cqe = ring.completion().next().unwrap();
-    assert_eq!(cqe.result(), buf.len() as i32, "io_uring write");
-}
-
-fn uring_openat(path: &Path) {
-    let c = cstr(path);
-    let mut ring = io_uring::IoUring::new(8).unwrap();
-    let sqe = io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), c.as_ptr())
-        .flags(libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC)
-        .mode(0o644)
-        .build()
-        .user_data(2);
-    // SAFETY: `c` outlives the submission; we wait for the completion.
-    unsafe { ring.submission().push(&sqe).unwrap() };
-    ring.submit_and_wait(1).unwrap();
-    let cqe = ring.completion().next().unwrap();
-    assert!(cqe.result() >= 0, "io_uring openat: {}", cqe.result());
-    let fd = cqe.result();
-    // Close it through io_uring too (IORING_OP_CLOSE -> CloseWrite).
-    let sqe = io_uring::opcode::Close::new(io_uring::types::Fd(fd))
-        .build()
-        .user_data(3);
-    // SAFETY: plain close of an fd we own.
-    unsafe { ring.submission().push(&sqe).unwrap() };
-    ring.submit_and_wait(1).unwrap();
-    let cqe = ring.completion().next().unwrap();
-    assert_eq!(cqe.result(), 0, "io_uring close");
-}
-
-/// Runs one io_uring request to completion on a fresh ring and returns its result.
+/// Runs one io_uring request to completion and returns its raw result.
 ///
 /// # Safety
 /// Every buffer `sqe` points to must stay valid until this returns.
 unsafe fn uring_run(sqe: io_uring::squeue::Entry) -> i32 {
-    let mut ring = io_uring::IoUring::new(8).unwrap();
-    // SAFETY: the caller keeps the buffers alive; we wait for the completion.
-    unsafe { ring.submission().push(&sqe).unwrap() };
-    ring.submit_and_wait(1).unwrap();
-    ring.completion().next().unwrap().result()
-}
-
-const AT_FDCWD: io_uring::types::Fd = io_uring::types::Fd(libc::AT_FDCWD);
-
-fn uring_renameat(from: &Path, to: &Path, flags: u32) {
-    let (a, b) = (cstr(from), cstr(to));
-    let sqe = io_uring::opcode::RenameAt::new(AT_FDCWD, a.as_ptr(), AT_FDCWD, b.as_ptr())
-        .flags(flags)
-        .build();
-    // SAFETY: `a` and `b` outlive the call.
-    let r = unsafe { uring_run(sqe) };
-    assert_eq!(
-        r,
-        0,
-        "io_uring renameat: {}",
-        std::io::Error::from_raw_os_error(-r)
-    );
+    // SAFETY: passed on to the caller.
+    unsafe { fileops::uring_run(sqe) }.expect("io_uring")
 }
 
 /// io_uring unlinkat relative to an open directory fd.
@@ -267,32 +204,6 @@ fn uring_mkdirat(dir: &Path, name: &str) {
         r,
         0,
         "io_uring mkdirat: {}",
-        std::io::Error::from_raw_os_error(-r)
-    );
-}
-
-fn uring_symlinkat(target: &str, link: &Path) {
-    let (t, l) = (CString::new(target).unwrap(), cstr(link));
-    let sqe = io_uring::opcode::SymlinkAt::new(AT_FDCWD, t.as_ptr(), l.as_ptr()).build();
-    // SAFETY: `t` and `l` outlive the call.
-    let r = unsafe { uring_run(sqe) };
-    assert_eq!(
-        r,
-        0,
-        "io_uring symlinkat: {}",
-        std::io::Error::from_raw_os_error(-r)
-    );
-}
-
-fn uring_linkat(from: &Path, to: &Path) {
-    let (a, b) = (cstr(from), cstr(to));
-    let sqe = io_uring::opcode::LinkAt::new(AT_FDCWD, a.as_ptr(), AT_FDCWD, b.as_ptr()).build();
-    // SAFETY: `a` and `b` outlive the call.
-    let r = unsafe { uring_run(sqe) };
-    assert_eq!(
-        r,
-        0,
-        "io_uring linkat: {}",
         std::io::Error::from_raw_os_error(-r)
     );
 }
@@ -416,14 +327,14 @@ fn cases() -> Vec<Case> {
         Case {
             name: "io_uring_write",
             setup: |d, _| touch(&d.join("f")),
-            op: |d, _| uring_write(&d.join("f")),
+            op: |d, _| fileops::uring_write(&d.join("f"), b"written by io_uring").unwrap(),
             expect: |d| vec![exp(EventKind::Modify, &format!("{d}/f"))],
             outside: true,
         },
         Case {
             name: "io_uring_openat",
             setup: |_, _| {},
-            op: |d, _| uring_openat(&d.join("u")),
+            op: |d, _| fileops::uring_create(&d.join("u"), b"").unwrap(),
             expect: |d| {
                 vec![
                     exp(EventKind::Create, &format!("{d}/u")),
@@ -436,7 +347,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "io_uring_renameat",
             setup: |d, _| touch(&d.join("a")),
-            op: |d, _| uring_renameat(&d.join("a"), &d.join("b"), 0),
+            op: |d, _| fileops::uring_rename(&d.join("a"), &d.join("b"), 0).unwrap(),
             expect: |d| {
                 vec![
                     exp(EventKind::Rename, &format!("{d}/a"))
@@ -452,7 +363,9 @@ fn cases() -> Vec<Case> {
                 touch(&d.join("a"));
                 fs::create_dir(d.join("b")).unwrap();
             },
-            op: |d, _| uring_renameat(&d.join("a"), &d.join("b"), libc::RENAME_EXCHANGE),
+            op: |d, _| {
+                fileops::uring_rename(&d.join("a"), &d.join("b"), libc::RENAME_EXCHANGE).unwrap()
+            },
             // Both names still exist with swapped content: both are rescanned.
             expect: |d| {
                 vec![
@@ -465,7 +378,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "io_uring_renameat_out_of_root",
             setup: |d, _| touch(&d.join("out")),
-            op: |d, o| uring_renameat(&d.join("out"), &o.join("out"), 0),
+            op: |d, o| fileops::uring_rename(&d.join("out"), &o.join("out"), 0).unwrap(),
             expect: |d| vec![exp(EventKind::Unlink, &format!("{d}/out")).dir(false)],
             outside: false,
         },
@@ -496,14 +409,14 @@ fn cases() -> Vec<Case> {
         Case {
             name: "io_uring_symlinkat",
             setup: |_, _| {},
-            op: |d, _| uring_symlinkat("target", &d.join("s")),
+            op: |d, _| fileops::uring_symlink("target", &d.join("s")).unwrap(),
             expect: |d| vec![exp(EventKind::Symlink, &format!("{d}/s")).dir(false)],
             outside: true,
         },
         Case {
             name: "io_uring_linkat",
             setup: |d, _| touch(&d.join("f")),
-            op: |d, _| uring_linkat(&d.join("f"), &d.join("g")),
+            op: |d, _| fileops::uring_link(&d.join("f"), &d.join("g")).unwrap(),
             expect: |d| vec![exp(EventKind::Link, &format!("{d}/g")).dir(false)],
             outside: true,
         },
