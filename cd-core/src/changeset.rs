@@ -244,11 +244,9 @@ impl Tree {
         }
         self.remove_subtree(to);
         for (path, id) in moved {
-            let mut p = to.as_bytes().to_vec();
-            p.extend_from_slice(&path.as_bytes()[from.as_bytes().len()..]);
             // A path that would exceed PATH_MAX cannot be represented (nor scanned on
             // the source): it is left out, as is everything beneath it.
-            if let Ok(p) = RelPath::new(p) {
+            if let Some(p) = path.rebase(from, to) {
                 self.paths.insert(p, id);
             }
         }

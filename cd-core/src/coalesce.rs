@@ -430,7 +430,8 @@ impl Coalescer {
             if chosen_set.contains(p) {
                 continue;
             }
-            let mut chain: Vec<RelPath> = ancestors(p)
+            let mut chain: Vec<RelPath> = p
+                .ancestors()
                 .into_iter()
                 .filter(|a| self.is_mark(a) && !chosen_set.contains(a))
                 .collect();
@@ -711,7 +712,8 @@ impl Coalescer {
     /// Logs `Rename a→b` of an object the replica holds: pins new directories above
     /// `b`, collapses a chain with the previous rename, updates what is known vacant.
     fn log_rename(&mut self, a: RelPath, b: RelPath, to_vacant: bool, is_dir: bool, now: u64) {
-        let pins: Vec<RelPath> = ancestors(&b)
+        let pins: Vec<RelPath> = b
+            .ancestors()
             .into_iter()
             .filter(|d| {
                 self.nodes
@@ -954,7 +956,7 @@ impl Coalescer {
             .into_iter()
             .filter_map(|q| {
                 let n = self.take_node(&q)?;
-                Some((rebase(&q, a, b)?, n))
+                Some((q.rebase(a, b)?, n))
             })
             .collect();
         let rescans: Vec<(RelPath, u64)> = keys_at_or_below(&self.rescans, a)
@@ -967,7 +969,7 @@ impl Coalescer {
             if matches!(mode, MoveMode::Absorb) {
                 continue;
             }
-            if let Some(q) = rebase(&q, a, b)
+            if let Some(q) = q.rebase(a, b)
                 && !self.covered(&q)
             {
                 self.insert_rescan(q, t);
@@ -1189,7 +1191,7 @@ impl Coalescer {
     fn covered_strict(&self, p: &RelPath) -> bool {
         self.root_rescan.is_some()
             || (!self.rescans.is_empty()
-                && ancestors(p).iter().any(|a| self.rescans.contains_key(a)))
+                && p.ancestors().iter().any(|a| self.rescans.contains_key(a)))
     }
 
     /// The replica is known to hold the source's object at `p` (its kind, at least)
@@ -1221,27 +1223,8 @@ fn related(a: &RelPath, b: &RelPath) -> bool {
     a.starts_with(b) || b.starts_with(a)
 }
 
-/// `p` (at or beneath `from`) moved beneath `to`; `None` past `MAX_PATH_LEN`.
-fn rebase(p: &RelPath, from: &RelPath, to: &RelPath) -> Option<RelPath> {
-    let mut v = to.as_bytes().to_vec();
-    v.extend_from_slice(&p.as_bytes()[from.as_bytes().len()..]);
-    RelPath::new(v).ok()
-}
-
-/// Strict ancestors, outermost first.
-fn ancestors(p: &RelPath) -> Vec<RelPath> {
-    let mut v = Vec::new();
-    let mut cur = p.parent();
-    while let Some(q) = cur {
-        cur = q.parent();
-        v.push(q);
-    }
-    v.reverse();
-    v
-}
-
 fn ancestors_and_self(p: &RelPath) -> Vec<RelPath> {
-    let mut v = ancestors(p);
+    let mut v = p.ancestors();
     v.push(p.clone());
     v
 }
@@ -2294,7 +2277,7 @@ mod tests {
                         .collect();
                     for (k, i) in moved {
                         self.names.remove(&k);
-                        self.names.insert(rebase(&k, &from, &to).unwrap(), i);
+                        self.names.insert(k.rebase(&from, &to).unwrap(), i);
                     }
                     self.event(Rename, &from, Some(&to), kind == Kind::Dir);
                     touched.push(from);
@@ -2459,7 +2442,7 @@ mod tests {
                 remove(r, to);
                 remove(r, from);
                 for (k, v) in moved {
-                    r.insert(rebase(&k, from, to).unwrap(), v);
+                    r.insert(k.rebase(from, to).unwrap(), v);
                 }
             }
             PathChange::Rescan { path: None } => *r = src.clone(),

@@ -591,7 +591,7 @@ impl Filter {
         if self.is_everything() {
             return true;
         }
-        let ancestors = ancestors(path);
+        let ancestors = path.ancestors();
         let hit = |pats: &[Pattern]| {
             pats.iter()
                 .any(|p| p.is_match(path, is_dir) || ancestors.iter().any(|a| p.is_match(a, true)))
@@ -608,7 +608,7 @@ impl Filter {
     fn included_whole(&self, dir: &RelPath) -> bool {
         self.include.is_empty()
             || self.include.iter().any(|p| {
-                p.is_match(dir, true) || ancestors(dir).iter().any(|a| p.is_match(a, true))
+                p.is_match(dir, true) || dir.ancestors().iter().any(|a| p.is_match(a, true))
             })
     }
 
@@ -770,7 +770,7 @@ impl Filter {
         let mut keep: BTreeMap<RelPath, Entry> = BTreeMap::new();
         for e in m.iter() {
             if self.matches(&e.path, e.is_dir()) {
-                for a in ancestors(&e.path) {
+                for a in e.path.ancestors() {
                     if !keep.contains_key(&a)
                         && let Some(pe) = m.get(&a)
                     {
@@ -837,7 +837,7 @@ impl Filter {
                 continue;
             }
             let mut ok = true;
-            for a in ancestors(&p) {
+            for a in p.ancestors() {
                 match t.get(&a) {
                     Some(e) if e.is_dir() => {}
                     Some(_) => {
@@ -902,18 +902,6 @@ fn finish(mut map: BTreeMap<RelPath, Entry>) -> Manifest {
     }
     Manifest::from_entries(map.into_values())
         .expect("filtered entries keep their parents and valid hard links")
-}
-
-/// Strict ancestors, outermost first.
-fn ancestors(p: &RelPath) -> Vec<RelPath> {
-    let mut v = Vec::new();
-    let mut cur = p.parent();
-    while let Some(q) = cur {
-        cur = q.parent();
-        v.push(q);
-    }
-    v.reverse();
-    v
 }
 
 #[cfg(test)]
@@ -1534,7 +1522,7 @@ mod tests {
             }
             let src = Manifest::from_entries(tree.into_values()).unwrap();
             let reference_match = |e: &Entry| {
-                let anc: Vec<String> = ancestors(&e.path).iter().map(RelPath::display).collect();
+                let anc: Vec<String> = e.path.ancestors().iter().map(RelPath::display).collect();
                 let hit = |pats: &[String]| pats.iter().any(|pat| {
                     reference(pat, e.path.as_bytes(), e.is_dir())
                         || anc.iter().any(|a| reference(pat, a.as_bytes(), true))

@@ -111,6 +111,28 @@ impl RelPath {
                 && self.0[other.0.len()] == b'/')
     }
 
+    /// Strict ancestors, outermost first (`a`, `a/b` for `a/b/c`).
+    pub fn ancestors(&self) -> Vec<RelPath> {
+        let mut v = Vec::new();
+        let mut cur = self.parent();
+        while let Some(q) = cur {
+            cur = q.parent();
+            v.push(q);
+        }
+        v.reverse();
+        v
+    }
+
+    /// `self` (at or beneath `from`) moved to `to`: `to` plus what follows `from`.
+    /// `None` when the result is not a valid path (longer than
+    /// [`MAX_PATH_LEN`](crate::path::MAX_PATH_LEN)).
+    pub fn rebase(&self, from: &RelPath, to: &RelPath) -> Option<RelPath> {
+        debug_assert!(self.starts_with(from));
+        let mut v = to.0.clone();
+        v.extend_from_slice(&self.0[from.0.len()..]);
+        RelPath::new(v).ok()
+    }
+
     /// Tree order: compares component by component, so a directory's contents sort
     /// directly after it (`a`, `a/b`, `a.txt`).
     pub fn cmp_tree(&self, other: &RelPath) -> Ordering {

@@ -197,9 +197,7 @@ impl WriterInference {
                         .collect();
                     for (r, p) in moved {
                         self.open.remove(&(r, p.clone()));
-                        let mut np = to.as_bytes().to_vec();
-                        np.extend_from_slice(&p.as_bytes()[from.as_bytes().len()..]);
-                        if let Ok(np) = RelPath::new(np) {
+                        if let Some(np) = p.rebase(from, to) {
                             self.open.insert((r, np));
                         }
                     }

@@ -90,9 +90,7 @@ impl Shipped {
                     }
                     self.take_subtree(to);
                     for (p, mut e) in moved {
-                        let mut np = to.as_bytes().to_vec();
-                        np.extend_from_slice(&p.as_bytes()[from.as_bytes().len()..]);
-                        if let Ok(np) = RelPath::new(np) {
+                        if let Some(np) = p.rebase(from, to) {
                             e.path = np.clone();
                             self.entries.insert(np, e);
                         }
