@@ -14,6 +14,7 @@ use anyhow::{Result, bail};
 mod args;
 mod procfs;
 mod realtime;
+mod suite;
 #[expect(
     unsafe_code,
     reason = "libc calls std lacks: sysconf(_SC_CLK_TCK), bpf(BPF_ENABLE_STATS)"
@@ -50,6 +51,7 @@ fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("realtime") => realtime::run(&realtime::Args::parse(&args[1..])?),
+        Some("trial") => suite::trial(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -71,9 +71,31 @@ pub struct ClusterSpec {
     pub startup_timeout: Duration,
     /// How long a `cdctl sync` may take before it is killed and reported.
     pub sync_timeout: Duration,
+    /// Where daemons run, by name (`master`, `node1`, …); a daemon not named here runs
+    /// as a plain child on 127.0.0.1 (see [`Placement`]).
+    pub placements: BTreeMap<String, Placement>,
+    /// Content root of a node, by name, instead of `<roots_dir>/<node>/`.
+    pub roots: BTreeMap<String, PathBuf>,
+}
+
+/// How and where one daemon runs, for a cluster spread over network namespaces.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// The address it listens on (its data listener, or the master's listener).
+    pub ip: std::net::IpAddr,
+    /// The command line that `cdd run --config …` is appended to, e.g.
+    /// `["ip", "netns", "exec", "host1"]`.
+    pub launcher: Vec<std::ffi::OsString>,
 }
 
 impl ClusterSpec {
+    /// The address daemon `name` listens on.
+    fn ip_of(&self, name: &str) -> std::net::IpAddr {
+        self.placements
+            .get(name)
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |p| p.ip)
+    }
+
     /// `nodes` nodes in `dir`, default limits (30 s startup, 300 s per sync).
     #[must_use]
     pub fn new(nodes: usize, dir: &Path, cdd: &Path, cdctl: &Path) -> Self {
@@ -91,6 +113,8 @@ impl ClusterSpec {
             set_lines: Vec::new(),
             startup_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(300),
+            placements: BTreeMap::new(),
+            roots: BTreeMap::new(),
         }
     }
 }
@@ -370,7 +394,7 @@ impl Cluster {
         }
         let roots_dir = spec.roots_dir.clone().unwrap_or_else(|| dir.join("roots"));
         let port = free_port()?;
-        let master_addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let master_addr = SocketAddr::new(spec.ip_of(MASTER), port);
         let mut cluster = Self {
             master_addr,
             daemons: BTreeMap::new(),
@@ -439,17 +463,24 @@ impl Cluster {
         // 4–5. Nodes.
         for i in 1..=cluster.spec.nodes {
             let name = format!("node{i}");
-            let root = roots_dir.join(&name);
+            let root = cluster
+                .spec
+                .roots
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| roots_dir.join(&name));
+            let listen = SocketAddr::new(cluster.spec.ip_of(&name), 0);
             fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
             fs::set_permissions(&root, fs::Permissions::from_mode(0o755))?;
             let token = cluster.token()?;
             let mut cfg = cluster.common_config(&name)?;
             let _ = write!(
                 cfg,
-                "\n[node]\nmaster_addr = {}\nmaster_name = {}\nlisten = \"127.0.0.1:0\"\n\
+                "\n[node]\nmaster_addr = {}\nmaster_name = {}\nlisten = {}\n\
                  join_token = {}\n\n[[node.content_sets]]\nname = {}\nroot = {}\n",
                 toml_str(&master_addr.to_string()),
                 toml_str(MASTER),
+                toml_str(&listen.to_string()),
                 toml_str(&token),
                 toml_str(CONTENT_SET),
                 toml_path(&root)?
@@ -515,6 +546,14 @@ impl Cluster {
 
     fn spawn(&mut self, name: &str) -> Result<()> {
         let cdd = self.spec.cdd.clone();
+        let mut cmd = match self.spec.placements.get(name) {
+            Some(p) if !p.launcher.is_empty() => {
+                let mut c = Command::new(&p.launcher[0]);
+                c.args(&p.launcher[1..]).arg(&cdd);
+                c
+            }
+            _ => Command::new(&cdd),
+        };
         let d = self.daemon_mut(name)?;
         ensure!(d.child.is_none(), "{name} is already running");
         let log = File::options()
@@ -522,7 +561,7 @@ impl Cluster {
             .append(true)
             .open(&d.log)
             .with_context(|| format!("opening {}", d.log.display()))?;
-        let child = Command::new(&cdd)
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(&d.config)

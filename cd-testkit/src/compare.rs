@@ -178,12 +178,46 @@ fn show_group(g: &[PathBuf]) -> String {
     format!("{{{}}}", v.join(", "))
 }
 
+/// Which attributes [`compare_with`] checks besides paths, types, file bytes, modes
+/// and symlink targets (always checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checks {
+    /// uid and gid.
+    pub owners: bool,
+    /// mtimes (seconds and nanoseconds) of everything but the roots.
+    pub mtimes: bool,
+    /// The hard-link structure.
+    pub hardlinks: bool,
+    /// Paths to leave out of both trees, relative to the roots (besides [`RESERVED`]),
+    /// e.g. a peer tool's own marker directory.
+    pub ignore: &'static [&'static str],
+}
+
+impl Checks {
+    /// Everything: the module docs' "identical".
+    pub const ALL: Self = Self {
+        owners: true,
+        mtimes: true,
+        hardlinks: true,
+        ignore: &[],
+    };
+}
+
 /// Compares the trees at `a` and `b`; returns human-readable differences, empty when
 /// they are identical (see the module docs for what "identical" means). Errors only
 /// when a tree cannot be read.
 pub fn compare(a: &Path, b: &Path) -> Result<Vec<String>> {
-    let ta = scan(a)?;
-    let tb = scan(b)?;
+    compare_with(a, b, Checks::ALL)
+}
+
+/// [`compare`], checking only what `checks` asks for beyond the always-checked
+/// paths, types, bytes, modes and symlink targets.
+pub fn compare_with(a: &Path, b: &Path, checks: Checks) -> Result<Vec<String>> {
+    let mut ta = scan(a)?;
+    let mut tb = scan(b)?;
+    for t in [&mut ta, &mut tb] {
+        t.retain(|p, _| !checks.ignore.iter().any(|i| p.starts_with(i)));
+    }
     let mut diffs = Vec::new();
     for (p, ea) in &ta {
         let Some(eb) = tb.get(p) else {
@@ -209,14 +243,14 @@ pub fn compare(a: &Path, b: &Path) -> Result<Vec<String>> {
                 ea.mode, eb.mode
             ));
         }
-        if ea.uid != eb.uid {
+        if checks.owners && ea.uid != eb.uid {
             diffs.push(format!("{ps}: uid differs: A={} B={}", ea.uid, eb.uid));
         }
-        if ea.gid != eb.gid {
+        if checks.owners && ea.gid != eb.gid {
             diffs.push(format!("{ps}: gid differs: A={} B={}", ea.gid, eb.gid));
         }
         let is_root = p.as_os_str().is_empty();
-        if !is_root && ea.mtime != eb.mtime {
+        if checks.mtimes && !is_root && ea.mtime != eb.mtime {
             diffs.push(format!(
                 "{ps}: mtime differs ({}): A={}.{:09} B={}.{:09}",
                 kind_name(ea.kind),
@@ -253,6 +287,9 @@ pub fn compare(a: &Path, b: &Path) -> Result<Vec<String>> {
                 kind_name(eb.kind)
             ));
         }
+    }
+    if !checks.hardlinks {
+        return Ok(diffs);
     }
     let (ga, gb) = (link_groups(&ta), link_groups(&tb));
     let mut reported = std::collections::BTreeSet::new();

@@ -36,7 +36,7 @@ pub mod tree;
 )]
 mod sys;
 
-pub use sys::{is_root, wait_for_termination_signal};
+pub use sys::{is_root, kill, wait_for_termination_signal};
 
 /// Signal numbers accepted by [`cluster::Cluster::kill`].
 pub mod signal {

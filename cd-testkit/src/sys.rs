@@ -36,7 +36,7 @@ pub(crate) fn set_mtime_nofollow(path: &Path, sec: i64, nsec: i64) -> io::Result
 }
 
 /// Sends `sig` to process `pid`.
-pub(crate) fn kill(pid: u32, sig: i32) -> io::Result<()> {
+pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
     let pid = i32::try_from(pid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
     // SAFETY: kill(2) has no memory-safety preconditions.
