@@ -52,6 +52,7 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("realtime") => realtime::run(&realtime::Args::parse(&args[1..])?),
         Some("trial") => suite::trial(&args[1..]),
+        Some("suite") => suite::run::run(&suite::run::Args::parse(&args[1..])?).map(drop),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

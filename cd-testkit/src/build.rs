@@ -47,10 +47,21 @@ pub fn cargo() -> Command {
 /// Builds `cdd` and `cdctl` in release mode (`-j2`); returns their paths in the target
 /// directory cargo reports (so `CARGO_TARGET_DIR` is honoured).
 pub fn release_daemon() -> Result<(PathBuf, PathBuf)> {
-    let status = cargo()
-        .args(["build", "-j2", "--release", "-p", "cd-daemon", "--bins"])
-        .status()
-        .context("starting cargo build")?;
+    daemon(true)
+}
+
+/// [`release_daemon`] in the dev profile (what `cargo test` has built already).
+pub fn debug_daemon() -> Result<(PathBuf, PathBuf)> {
+    daemon(false)
+}
+
+fn daemon(release: bool) -> Result<(PathBuf, PathBuf)> {
+    let mut build = cargo();
+    build.args(["build", "-j2", "-p", "cd-daemon", "--bins"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().context("starting cargo build")?;
     ensure!(
         status.success(),
         "cargo build of cd-daemon failed ({status})"
@@ -64,7 +75,7 @@ pub fn release_daemon() -> Result<(PathBuf, PathBuf)> {
     let target = meta["target_directory"]
         .as_str()
         .context("cargo metadata has no target_directory")?;
-    let dir = Path::new(target).join("release");
+    let dir = Path::new(target).join(if release { "release" } else { "debug" });
     Ok((dir.join("cdd"), dir.join("cdctl")))
 }
 

@@ -35,6 +35,11 @@ tasks:
         mutate, sync again and verify every replica; exits non-zero on any difference.
         --keep DIR  keep the content roots at DIR/<node>/ (daemon state in DIR/.state/)
         --hold      after verifying, keep the cluster running until Ctrl-C / SIGTERM
+  bench [--quick] [--runs N] [--tools a,b] [--workloads w1,w2,w3,w4,idle] [--dir DIR]
+        cdsync side by side with rsync (daemon and ssh), lsyncd, Syncthing and Unison on
+        the same seeded workloads, each host in its own network namespace; installs the
+        peers from Debian packages, prints a table with ratios to the best peer and
+        writes target/bench/latest.json (`bench suite`, see bench/README.md)
   test [PHASE...]
         run the CI phases in order (default all):
         fmt, clippy, test, privileged, ebpf-object, guest";
@@ -54,6 +59,7 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo(&DemoArgs::parse(&args[1..])?),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -273,6 +279,17 @@ fn guest() -> Result<()> {
 /// Installs what the cargo phases need. The task phases install their own tools
 /// (clang for the eBPF object, qemu and Debian's kernel for the guest).
 fn prepare() -> Result<()> {
+    Ok(())
+}
+
+/// `cargo xtask bench`: `bench suite` in release mode.
+fn bench(args: &[String]) -> Result<()> {
+    let status = cargo()
+        .args(["run", "-j2", "--release", "-p", "bench", "--", "suite"])
+        .args(args)
+        .status()
+        .context("starting cargo run -p bench")?;
+    ensure!(status.success(), "bench suite failed ({status})");
     Ok(())
 }
 

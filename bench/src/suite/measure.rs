@@ -165,3 +165,16 @@ pub fn incremental(
         }
     }
 }
+
+/// A change made by `change` on the source of a running live tool, timed until every
+/// replica is identical again; returns the sample and what `change` returned (bytes).
+pub fn live_change(
+    env: &Env,
+    tool: &dyn Tool,
+    limit: Duration,
+    change: impl FnOnce(&std::path::Path) -> Result<u64>,
+) -> Result<(Sample, u64)> {
+    let from = mark(env)?;
+    let bytes = change(&env.source_root)?;
+    Ok((live_wait(env, tool, from, limit)?, bytes))
+}

@@ -12,6 +12,8 @@ pub mod cgroup;
 pub mod install;
 pub mod measure;
 pub mod net;
+pub mod report;
+pub mod run;
 pub mod tools;
 pub mod verify;
 pub mod workload;
@@ -29,17 +31,22 @@ use self::workload::Tree;
 use crate::args::Options;
 
 /// Every tool, in table order. `cdd`/`cdctl` are built only if cdsync is among them.
-pub fn registry(names: Option<&[String]>) -> Result<Vec<Box<dyn Tool>>> {
+pub fn registry(names: Option<&[String]>, debug_daemon: bool) -> Result<Vec<Box<dyn Tool>>> {
     let wanted = |n: &str| names.is_none_or(|ns| ns.iter().any(|x| x == n));
     let mut v: Vec<Box<dyn Tool>> = Vec::new();
-    if wanted("cdsync") {
-        let (cdd, cdctl) = cd_testkit::build::release_daemon()?;
+    if wanted("cdsync") || wanted("cdsync-live") {
+        let (cdd, cdctl) = if debug_daemon {
+            cd_testkit::build::debug_daemon()?
+        } else {
+            cd_testkit::build::release_daemon()?
+        };
         v.push(Box::new(tools::cdsync::CdSync::manual(
             cdd.clone(),
             cdctl.clone(),
         )));
         v.push(Box::new(tools::cdsync::CdSync::realtime(cdd, cdctl)));
     }
+    v.retain(|t| wanted(t.name()));
     if let Some(ns) = names {
         for n in ns {
             if !v.iter().any(|t| t.name() == n) {
@@ -69,7 +76,7 @@ pub fn trial(args: &[String]) -> Result<()> {
         }
     }
     let tool = tool.context("--tool is required")?;
-    let tools = registry(Some(std::slice::from_ref(&tool)))?;
+    let tools = registry(Some(std::slice::from_ref(&tool)), false)?;
     for t in &tools {
         install::ensure_packages(t.packages())?;
     }

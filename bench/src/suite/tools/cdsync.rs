@@ -4,8 +4,9 @@
 //!
 //! - [`CdSync::manual`] (one-shot): the content set has `mode = "manual"`; a sync is
 //!   `cdctl sync`, which returns when every target has reported.
-//! - [`CdSync::realtime`] (live): `mode = "realtime"` with the default capture (eBPF
-//!   where the kernel allows it); starting the cluster starts the initial reconcile.
+//! - [`CdSync::realtime`] (live, `cdsync-live` in the tables): `mode = "realtime"` with
+//!   the default capture (eBPF where the kernel allows it); starting the cluster starts
+//!   the initial reconcile.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,7 +60,7 @@ fn placement(env: &Env, host: &Host) -> Placement {
 
 impl Tool for CdSync {
     fn name(&self) -> &'static str {
-        "cdsync"
+        if self.live { "cdsync-live" } else { "cdsync" }
     }
 
     fn style(&self) -> Style {

@@ -28,6 +28,8 @@ use super::cgroup::Cgroup;
 use super::net::{Host, Net};
 
 pub mod cdsync;
+#[cfg(test)]
+pub mod saboteur;
 
 /// How the bench drives a tool; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
