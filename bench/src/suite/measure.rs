@@ -90,12 +90,19 @@ fn replica_roots(env: &Env) -> Vec<PathBuf> {
 }
 
 /// Waits for a live tool and turns the wait into a sample.
-fn live_wait(env: &Env, tool: &dyn Tool, from: Mark, limit: Duration) -> Result<Sample> {
+fn live_wait(
+    env: &Env,
+    tool: &dyn Tool,
+    from: Mark,
+    hot: &[(PathBuf, u64, u64)],
+    limit: Duration,
+) -> Result<Sample> {
     let c = verify::wait_identical(
         from.at,
         &env.source_root,
         &replica_roots(env),
         tool.ignore(),
+        hot,
         limit,
     )?;
     let wall = c.last().unwrap_or_else(|| from.at.elapsed());
@@ -121,7 +128,7 @@ pub fn initial(_net: &Net, tool: &mut dyn Tool, env: &Env, limit: Duration) -> R
         Style::Live => {
             let from = mark(env)?;
             tool.start(env)?;
-            live_wait(env, tool, from, limit)
+            live_wait(env, tool, from, &[], limit)
         }
     }
 }
@@ -159,7 +166,7 @@ pub fn incremental(
             let from = mark(env)?;
             let mutation = tree.mutate(&env.source_root)?;
             Ok(Incremental {
-                sample: live_wait(env, tool, from, limit)?,
+                sample: live_wait(env, tool, from, &mutation.regions, limit)?,
                 mutation,
             })
         }
@@ -176,5 +183,5 @@ pub fn live_change(
 ) -> Result<(Sample, u64)> {
     let from = mark(env)?;
     let bytes = change(&env.source_root)?;
-    Ok((live_wait(env, tool, from, limit)?, bytes))
+    Ok((live_wait(env, tool, from, &[], limit)?, bytes))
 }

@@ -2,7 +2,7 @@
 //!
 //! "Identical" in the side-by-side bench means what every tool under test promises to
 //! keep: the same paths, types, file bytes, permission bits (`mode & 0o7777`) and
-//! symlink targets ([`CHECKS`]). Owners, mtimes and hard links are not compared,
+//! symlink targets ([`checks`]). Owners, mtimes and hard links are not compared,
 //! because not every peer carries them (Syncthing keeps neither owners nor hard
 //! links; the W1 tree has no hard links and is owned by root anyway). A tool's own
 //! bookkeeping at the top of a root (Syncthing's `.stfolder`) is left out; nothing
@@ -13,7 +13,9 @@
 //! the full byte comparison of `cd_testkit::compare`; the time of the poll that was
 //! confirmed is when the replica became identical. A rewrite that keeps the size
 //! passes the fingerprint before it has arrived; the byte comparison then fails and
-//! the polling goes on.
+//! the polling goes on. Between polls it rests three times as long as the poll took,
+//! so that watching costs the tools under test at most a quarter of a core; the
+//! resolution is correspondingly coarser for big trees.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -120,24 +122,42 @@ impl Converged {
     }
 }
 
+/// Whether byte range `(path, offset, len)` is the same in both roots.
+fn same_region(a: &Path, b: &Path, (p, off, len): &(PathBuf, u64, u64)) -> bool {
+    let read = |root: &Path| -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = fs::File::open(root.join(p))?;
+        f.seek(SeekFrom::Start(*off))?;
+        let mut v = Vec::new();
+        f.take(*len).read_to_end(&mut v)?;
+        Ok(v)
+    };
+    matches!((read(a), read(b)), (Ok(x), Ok(y)) if x == y)
+}
+
 /// Waits until every replica is identical to `source` (which must not change
-/// meanwhile), for at most `limit` after `start`.
+/// meanwhile), for at most `limit` after `start`. `hot` names byte ranges known to
+/// have been rewritten in place (same size): they are compared before the full
+/// comparison is tried, which keeps a poll cheap while such a rewrite is in flight.
 pub fn wait_identical(
     start: Instant,
     source: &Path,
     replicas: &[PathBuf],
     ignore: &'static [&'static str],
+    hot: &[(PathBuf, u64, u64)],
     limit: Duration,
 ) -> Result<Converged> {
     let want = fingerprint(source, ignore)?;
     let mut at = vec![None; replicas.len()];
     loop {
+        let poll = Instant::now();
         for (i, r) in replicas.iter().enumerate() {
             if at[i].is_some() {
                 continue;
             }
             let seen = start.elapsed();
             if fingerprint(r, ignore)? == want
+                && hot.iter().all(|h| same_region(source, r, h))
                 && compare_with(source, r, checks(ignore))?.is_empty()
             {
                 at[i] = Some(seen);
@@ -146,7 +166,10 @@ pub fn wait_identical(
         if at.iter().all(Option::is_some) || start.elapsed() > limit {
             break;
         }
-        thread::sleep(Duration::from_millis(50));
+        // The bench shares the CPUs with the tool it watches: polling a big tree takes
+        // a while, so rest three times as long as the poll took (at least 50 ms), which
+        // keeps the watcher under a quarter of one core.
+        thread::sleep((poll.elapsed() * 3).max(Duration::from_millis(50)));
     }
     let mut diffs = Vec::new();
     let mut missing = std::collections::BTreeSet::new();
@@ -180,5 +203,12 @@ pub fn check_now(
     replicas: &[PathBuf],
     ignore: &'static [&'static str],
 ) -> Result<Converged> {
-    wait_identical(Instant::now(), source, replicas, ignore, Duration::ZERO)
+    wait_identical(
+        Instant::now(),
+        source,
+        replicas,
+        ignore,
+        &[],
+        Duration::ZERO,
+    )
 }

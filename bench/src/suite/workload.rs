@@ -118,6 +118,8 @@ pub struct Mutation {
     pub deleted: Vec<usize>,
     /// Bytes of content written (the payload that changed).
     pub bytes: u64,
+    /// The byte ranges rewritten in place: (relative path, offset, length).
+    pub regions: Vec<(PathBuf, u64, u64)>,
 }
 
 impl Tree {
@@ -285,6 +287,7 @@ impl Tree {
                 .with_context(|| format!("opening {}", p.display()))?;
             f.seek(SeekFrom::Start(off))?;
             f.write_all(&buf)?;
+            m.regions.push((self.file_path(i), off, n));
             m.rewritten.push(i);
             m.bytes += n;
         }
@@ -313,6 +316,7 @@ impl Tree {
             Rng::derive(self.seed, S_MUT, 7).fill(&mut buf);
             f.seek(SeekFrom::Start(off))?;
             f.write_all(&buf)?;
+            m.regions.push((Self::big_path(0), off, n));
             m.bytes += n;
         }
         Ok(m)
