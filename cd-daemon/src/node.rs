@@ -47,6 +47,8 @@ use crate::transfer::{self, OutBody, Outgoing, ReceiveContext, ReplicaState};
 /// Rounds a job may take when files keep changing under it.
 const MAX_ROUNDS: u32 = 3;
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a catch-up waits for more targets to (re)connect before its full round.
+const CATCH_UP_SETTLE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LastSync {
@@ -72,6 +74,11 @@ struct SetState {
     replica: Mutex<ReplicaState>,
     /// As a source: per target, the last change set it applied completely.
     sent: Mutex<BTreeMap<String, u64>>,
+    /// As a source: per target, when the last full round it applied completely began
+    /// (a catch-up requested before that instant has nothing left to do).
+    full_done: Mutex<BTreeMap<String, Instant>>,
+    /// As a real-time source: targets waiting for a catch-up, with when they asked.
+    catch_up: Mutex<BTreeMap<String, Instant>>,
     /// As a source: the real-time task, once started.
     realtime: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// As a source: subtrees and whole trees reconciled because events were lost.
@@ -157,6 +164,8 @@ impl Node {
                             &cfg.state_dir.join(format!("applied-{}", s.name)),
                         )),
                         sent: Mutex::new(BTreeMap::new()),
+                        full_done: Mutex::new(BTreeMap::new()),
+                        catch_up: Mutex::new(BTreeMap::new()),
                         realtime: Mutex::new(None),
                         rescans_subtree: AtomicU64::new(0),
                         rescans_full: AtomicU64::new(0),
@@ -447,9 +456,15 @@ impl Node {
                 .map(|t| t.name.clone())
                 .collect();
             if !back.is_empty() {
+                let requested = Instant::now();
+                let mut waiting = s.catch_up.lock().unwrap();
+                for t in back {
+                    waiting.entry(t).or_insert(requested);
+                }
+                drop(waiting);
                 let node = self.clone();
                 let name = set.name.clone();
-                tokio::spawn(async move { node.catch_up(&name, back).await });
+                tokio::spawn(async move { node.catch_up(&name).await });
             }
         }
     }
@@ -488,11 +503,29 @@ impl Node {
         *s.realtime.lock().unwrap() = Some(handle);
     }
 
-    async fn catch_up(self: &Arc<Self>, set: &str, targets: Vec<String>) {
+    /// Brings the targets waiting in the set's `catch_up` list up to date with one full
+    /// round for all of them. Targets that connect close together (a source starting
+    /// while its targets come up one by one) share a round: the list settles for a
+    /// moment first, and a target that a full round begun after its request has
+    /// already reached is dropped from it.
+    async fn catch_up(self: &Arc<Self>, set: &str) {
         let Some(state) = self.sets.get(set) else {
             return;
         };
+        tokio::time::sleep(CATCH_UP_SETTLE).await;
         let _busy = state.busy.lock().await;
+        let waiting = std::mem::take(&mut *state.catch_up.lock().unwrap());
+        let targets: Vec<String> = {
+            let done = state.full_done.lock().unwrap();
+            waiting
+                .into_iter()
+                .filter(|(t, requested)| done.get(t).is_none_or(|at| at < requested))
+                .map(|(t, _)| t)
+                .collect()
+        };
+        if targets.is_empty() {
+            return;
+        }
         let seq = self.current_seq(set);
         let mut report = pb::JobReport::default();
         tracing::info!(content_set = set, targets = ?targets, seq, "catching up reconnected targets");
@@ -982,6 +1015,7 @@ impl Node {
         let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
         for round in 1..=MAX_ROUNDS {
             let t0 = Instant::now();
+            let began = t0;
             let filter = state.filter();
             let (root, manifest) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
                 let root = fs::Root::open(&root_path)?;
@@ -1061,6 +1095,11 @@ impl Node {
                         entry.error = st.apply.error.clone();
                         if st.apply.ok && st.changed_since_scan == 0 && st.apply.skipped == 0 {
                             state.sent.lock().unwrap().insert(peer.name.clone(), seq);
+                            state
+                                .full_done
+                                .lock()
+                                .unwrap()
+                                .insert(peer.name.clone(), began);
                         }
                         if st.apply.ok && (st.changed_since_scan > 0 || st.apply.skipped > 0) {
                             if round < MAX_ROUNDS {

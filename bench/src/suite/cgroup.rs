@@ -79,13 +79,6 @@ impl Cgroup {
         Ok(Duration::from_micros(usec))
     }
 
-    /// Number of processes in the group now.
-    pub fn processes(&self) -> Result<usize> {
-        Ok(fs::read_to_string(self.path.join("cgroup.procs"))?
-            .lines()
-            .count())
-    }
-
     /// Kills every process in the group and waits until it is empty.
     pub fn kill_all(&self) -> Result<()> {
         kill(&self.path)

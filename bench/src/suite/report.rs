@@ -219,10 +219,6 @@ impl Report {
         self.took = took;
     }
 
-    pub fn records(&self) -> &[Record] {
-        &self.records
-    }
-
     /// Ratios of record `r` to the best identical peer, per figure; and that peer for
     /// the main figure.
     fn ratios(&self, r: &Record) -> (BTreeMap<&'static str, f64>, Option<String>) {

@@ -26,10 +26,6 @@ use anyhow::{Context, Result};
 pub struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
     /// A generator for item `index` of stream `stream` of `seed`.
     pub fn derive(seed: u64, stream: u64, index: u64) -> Self {
         let mut r = Self(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
