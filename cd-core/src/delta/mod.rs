@@ -63,10 +63,17 @@
 //! (≤ 2× the target), and comparisons at most `MAX_CANDIDATES + 1` per strong hash;
 //! [`DeltaStats`] counts both, and the tests assert those bounds on colliding input.
 
+mod dump;
+mod generate;
+mod index;
+mod patch;
 pub mod rolling;
 mod signature;
 mod wire;
 
+pub use dump::{Decision, DumpPolicy, WholeReason, decide};
+pub use generate::{DeltaStats, Diff, Finished, Generator, MAX_CANDIDATES, MAX_LITERAL_OP, diff};
+pub use patch::{ApplyError, InvalidPatch, Op, Patch, Step, apply, write_end, write_header};
 pub use signature::{
     AUTO_BLOCK_LEN_MAX, AUTO_BLOCK_LEN_MIN, BLOCK_LEN_MAX, BLOCK_LEN_MIN, BlockSum, Signature,
     SignatureBuilder, SignatureError, block_len_for,
@@ -138,6 +145,8 @@ pub enum DecodeError {
     Trailing { extra: usize },
     #[error(transparent)]
     Wire(#[from] WireError),
+    #[error(transparent)]
+    Invalid(#[from] InvalidPatch),
 }
 
 fn check_version(what: &'static str, version: u8, supported: u8) -> Result<(), DecodeError> {
