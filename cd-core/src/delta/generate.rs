@@ -15,7 +15,8 @@
 //! # Search
 //!
 //! At a window position (after a match, or at the start, the window's weak sum is
-//! computed afresh; otherwise it is rolled by one byte):
+//! computed afresh; otherwise it is rolled by one byte, in a tight loop that only
+//! tests a one-bit-per-slot filter of the index and leaves it on a possible hit):
 //!
 //! 1. if the window directly follows a match, the next base block after that match is
 //!    tried first (straight from the signature), so a long run of identical blocks
@@ -257,16 +258,39 @@ impl<'s> Generator<'s> {
                     self.weak = Some(Weak::of(win));
                 }
                 Some(w) if self.checked => {
-                    let (Some(&out), Some(&inb)) = (data.get(pos), data.get(pos + bl)) else {
+                    // Roll without leaving this loop until the filter says a block
+                    // may match, the literal op is full, or the data ends.
+                    let room = MAX_LITERAL_OP - self.lit.len() - (pos - lit_from);
+                    let n = data.len().saturating_sub(pos + bl).min(room);
+                    if n == 0 {
                         break;
-                    };
-                    w.roll(bl32, out, inb);
-                    pos += 1;
+                    }
+                    let outs = &data[pos..pos + n];
+                    let ins = &data[pos + bl..pos + bl + n];
+                    let mut rolled = n;
+                    let mut hit = false;
+                    // A local copy stays in registers.
+                    let mut wl = *w;
+                    for (i, (&out, &inb)) in outs.iter().zip(ins).enumerate() {
+                        wl.roll(bl32, out, inb);
+                        if self.index.may_contain(wl.digest()) {
+                            rolled = i + 1;
+                            hit = true;
+                            break;
+                        }
+                    }
+                    *w = wl;
+                    pos += rolled;
                     self.expected = None;
                     if self.lit.len() + (pos - lit_from) >= MAX_LITERAL_OP {
                         self.lit.extend_from_slice(&data[lit_from..pos]);
                         lit_from = pos;
                         self.emit_literal();
+                    }
+                    if !hit {
+                        // Checked: the filter has no false negatives, and no block is
+                        // expected after a roll.
+                        continue;
                     }
                 }
                 Some(_) => {}

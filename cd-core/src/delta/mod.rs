@@ -43,8 +43,9 @@
 //!
 //! # Cost and adversarial input
 //!
-//! Per target byte the search does one rolling update and one probe of an open
-//! hash index (a load from a table of 2–4 slots per block). Strong hashes (BLAKE3 over
+//! Per target byte the search does one rolling update and one test of a bit filter
+//! over the indexed weak sums (16 bits per block: 32 KiB for a 1 GiB base); only where
+//! the filter says yes does it probe the bucketed index. Strong hashes (BLAKE3 over
 //! one block) are computed only where the weak checksum hits, at most once per window
 //! position, and compared against at most [`MAX_CANDIDATES`] blocks. rsync's known
 //! hang — walking a long chain of blocks with one weak checksum at every byte of a VM
