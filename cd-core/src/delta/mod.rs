@@ -44,7 +44,7 @@
 //! # Cost and adversarial input
 //!
 //! Per target byte the search does one rolling update and one test of a bit filter
-//! over the indexed weak sums (16 bits per block: 32 KiB for a 1 GiB base); only where
+//! over the indexed weak sums (64 bits per block: 256 KiB for a 1 GiB base); only where
 //! the filter says yes does it probe the bucketed index. Strong hashes (BLAKE3 over
 //! one block) are computed only where the weak checksum hits, at most once per window
 //! position, and compared against at most [`MAX_CANDIDATES`] blocks. rsync's known
