@@ -4,6 +4,9 @@
 //!   writes, replication of a burst of files, and what the source daemon and its
 //!   kernel capture cost in CPU, per capture backend (see [`realtime`]).
 //!
+//! - `delta`: the delta engine of `cd_core::delta` on a large file (signature, search,
+//!   apply) beside rsync's delta transfer on the same files (see [`delta`]).
+//!
 //! Run as root from the workspace: `cargo run -p bench --release -j2 -- realtime`.
 //! See `bench/README.md`.
 
@@ -12,6 +15,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 mod args;
+mod delta;
 mod procfs;
 mod realtime;
 #[expect(
@@ -34,7 +38,16 @@ benchmarks:
         the replication of a burst of N files (default 20000) written while it runs,
         and the CPU time of the source daemon and of its eBPF programs.
         --dir DIR  work in DIR (kept, with the daemons' logs) instead of a temporary
-                   directory; the content roots live there too";
+                   directory; the content roots live there too
+  delta [--size BYTES] [--seed N] [--dir DIR] [--no-rsync]
+        on a seeded base of BYTES (default 1 GiB) and three targets (unchanged, 1 MiB
+        changed in the middle, different), single-threaded: weak checksum and
+        signature throughput, search and apply throughput, patch sizes; then
+        rsync -a -I --no-whole-file --stats on the same files (installs rsync with
+        apt-get if missing), its wall time and literal/matched bytes, and the ratios.
+        --dir DIR  work in DIR (kept) instead of a temporary directory (needs about
+                   4x BYTES of space)
+        --no-rsync skip the rsync runs";
 
 fn main() -> ExitCode {
     match run() {
@@ -50,6 +63,7 @@ fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("realtime") => realtime::run(&realtime::Args::parse(&args[1..])?),
+        Some("delta") => delta::run(&delta::Args::parse(&args[1..])?),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
