@@ -3,6 +3,11 @@
 //! - `realtime`: the real-time path of a local cluster: change→replica latency of small
 //!   writes, replication of a burst of files, and what the source daemon and its
 //!   kernel capture cost in CPU, per capture backend (see [`realtime`]).
+//! - `suite` (`cargo xtask bench`): cdsync side by side with rsync, lsyncd, Syncthing and
+//!   Unison on the same seeded workloads, in network namespaces (see [`suite`]);
+//!   `trial` runs one tool through W1 and W2, for developing a tool's adapter.
+//! - `delta`: the delta engine of `cd_core::delta` on a large file (signature, search,
+//!   apply) beside rsync's delta transfer on the same files (see [`delta`]).
 //!
 //! Run as root from the workspace: `cargo run -p bench --release -j2 -- realtime`.
 //! See `bench/README.md`.
@@ -12,6 +17,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 mod args;
+mod delta;
 mod procfs;
 mod realtime;
 mod suite;
@@ -35,7 +41,22 @@ benchmarks:
         the replication of a burst of N files (default 20000) written while it runs,
         and the CPU time of the source daemon and of its eBPF programs.
         --dir DIR  work in DIR (kept, with the daemons' logs) instead of a temporary
-                   directory; the content roots live there too";
+                   directory; the content roots live there too
+  delta [--size BYTES] [--seed N] [--dir DIR] [--no-rsync]
+        on a seeded base of BYTES (default 1 GiB) and three targets (unchanged, 1 MiB
+        changed in the middle, different), single-threaded: weak checksum and
+        signature throughput, search and apply throughput, patch sizes; then
+        rsync -a -I --no-whole-file --stats on the same files (installs rsync with
+        apt-get if missing), its wall time and literal/matched bytes, and the ratios.
+        --dir DIR  work in DIR (kept) instead of a temporary directory (needs about
+                   4x BYTES of space)
+        --no-rsync skip the rsync runs
+  suite [--quick] [--runs N] [--tools a,b] [--workloads w1,w2,w3,w4,idle] [--dir DIR]
+        [--json FILE]
+        cdsync side by side with rsync (daemon, ssh), lsyncd, Syncthing and Unison
+        (what `cargo xtask bench` runs; see bench/README.md)
+  trial --tool NAME [--replicas N] [--files N] [--dir DIR]
+        one tool through W1 and W2 on a small tree, verified";
 
 fn main() -> ExitCode {
     match run() {
@@ -53,6 +74,7 @@ fn run() -> Result<()> {
         Some("realtime") => realtime::run(&realtime::Args::parse(&args[1..])?),
         Some("trial") => suite::trial(&args[1..]),
         Some("suite") => suite::run::run(&suite::run::Args::parse(&args[1..])?).map(drop),
+        Some("delta") => delta::run(&delta::Args::parse(&args[1..])?),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

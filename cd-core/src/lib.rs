@@ -19,6 +19,9 @@
 //!   ordered batches of path changes (close-after-write, debounce, rename pairing).
 //! - [`filter`]: per content set include/exclude patterns and the command mask
 //!   (create/update/delete/move/erase), for incremental changes and full reconciles.
+//! - [`delta`]: the rsync-style delta engine: block signatures with a rolling and a
+//!   strong checksum, the delta search, patches and their application, and the
+//!   whole-file-or-delta decision.
 //! - [`changeset`]: a numbered batch of changes from one origin; the carrier that both
 //!   manual sync (a full manifest) and real-time capture (incremental operations) feed.
 
@@ -26,6 +29,7 @@
 
 pub mod changeset;
 pub mod coalesce;
+pub mod delta;
 pub mod event;
 pub mod filter;
 pub mod manifest;
