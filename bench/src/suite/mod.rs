@@ -43,6 +43,9 @@ pub fn registry(names: Option<&[String]>) -> Result<Vec<Box<dyn Tool>>> {
     if wanted("rsyncd") {
         v.push(Box::new(tools::rsyncd::Rsyncd::new()));
     }
+    if wanted("rsync-ssh") {
+        v.push(Box::new(tools::rsync_ssh::RsyncSsh::new()));
+    }
     if let Some(ns) = names {
         for n in ns {
             if !v.iter().any(|t| t.name() == n) {

@@ -28,6 +28,7 @@ use super::cgroup::Cgroup;
 use super::net::{Host, Net};
 
 pub mod cdsync;
+pub mod rsync_ssh;
 pub mod rsyncd;
 
 /// How the bench drives a tool; see the module docs.
