@@ -46,6 +46,9 @@ pub fn registry(names: Option<&[String]>) -> Result<Vec<Box<dyn Tool>>> {
     if wanted("rsync-ssh") {
         v.push(Box::new(tools::rsync_ssh::RsyncSsh::new()));
     }
+    if wanted("lsyncd") {
+        v.push(Box::new(tools::lsyncd::Lsyncd::new()));
+    }
     if let Some(ns) = names {
         for n in ns {
             if !v.iter().any(|t| t.name() == n) {

@@ -28,6 +28,7 @@ use super::cgroup::Cgroup;
 use super::net::{Host, Net};
 
 pub mod cdsync;
+pub mod lsyncd;
 pub mod rsync_ssh;
 pub mod rsyncd;
 
