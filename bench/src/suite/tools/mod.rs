@@ -28,6 +28,9 @@ use super::cgroup::Cgroup;
 use super::net::{Host, Net};
 
 pub mod cdsync;
+pub mod lsyncd;
+pub mod rsync_ssh;
+pub mod rsyncd;
 #[cfg(test)]
 pub mod saboteur;
 
