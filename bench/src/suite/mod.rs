@@ -51,20 +51,27 @@ pub fn registry(names: Option<&[String]>) -> Result<Vec<Box<dyn Tool>>> {
 }
 
 const TRIAL_USAGE: &str = "\
-usage: bench trial --tool NAME [--replicas N] [--files N] [--dir DIR]
-  one W1 + W2 run of one tool on a small tree, verified; for developing a tool adapter";
+usage: bench trial --tool NAME [--replicas N] [--files N] [--dir DIR] [--prefix P]
+  one W1 + W2 run of one tool on a small tree, verified; for developing a tool adapter
+  --prefix P  network namespace prefix (default cdt); give concurrent trials each their own";
 
 /// `bench trial`: one W1 + W2 run of one tool, printed.
 pub fn trial(args: &[String]) -> Result<()> {
     let mut o = Options::new(args, TRIAL_USAGE);
-    let (mut tool, mut replicas, mut files, mut dir) =
-        (None, 2usize, 500usize, PathBuf::from("/tmp/cdbench-trial"));
+    let (mut tool, mut replicas, mut files, mut dir, mut prefix) = (
+        None,
+        2usize,
+        500usize,
+        PathBuf::from("/tmp/cdbench-trial"),
+        String::from("cdt"),
+    );
     while let Some(n) = o.next_name() {
         match n {
             "--tool" => tool = Some(o.value::<String>(n)?),
             "--replicas" => replicas = o.value(n)?,
             "--files" => files = o.value(n)?,
             "--dir" => dir = o.value(n)?,
+            "--prefix" => prefix = o.value(n)?,
             _ => return Err(o.unknown(n)),
         }
     }
@@ -76,7 +83,7 @@ pub fn trial(args: &[String]) -> Result<()> {
     let names: Vec<String> = (1..=replicas).map(|i| format!("r{i}")).collect();
     let mut hosts: Vec<&str> = vec!["src", "aux"];
     hosts.extend(names.iter().map(String::as_str));
-    let net = Net::create("cdt", &hosts)?;
+    let net = Net::create(&prefix, &hosts)?;
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
