@@ -40,6 +40,9 @@ pub fn registry(names: Option<&[String]>) -> Result<Vec<Box<dyn Tool>>> {
         )));
         v.push(Box::new(tools::cdsync::CdSync::realtime(cdd, cdctl)));
     }
+    if wanted("syncthing") {
+        v.push(Box::new(tools::syncthing::Syncthing::new()));
+    }
     if let Some(ns) = names {
         for n in ns {
             if !v.iter().any(|t| t.name() == n) {

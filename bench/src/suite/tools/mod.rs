@@ -28,6 +28,7 @@ use super::cgroup::Cgroup;
 use super::net::{Host, Net};
 
 pub mod cdsync;
+pub mod syncthing;
 
 /// How the bench drives a tool; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
