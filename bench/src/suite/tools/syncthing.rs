@@ -13,11 +13,22 @@
 //!    (no discovery needed), and one folder `bench` at the host's root is shared with
 //!    all of them — a full mesh, which is how Syncthing is meant to run: replicas
 //!    serve each other the blocks they already have;
-//! 3. every instance is started at once as
+//! 3. the instances are started one after the other — the source first, then each
+//!    replica once the previous instance listens on its sync port — as
 //!    `syncthing serve --home=<home> --no-browser --no-restart --logflags=6` with
-//!    `STNODEFAULTFOLDER=1 STNOUPGRADE=1 STMONITORED=1 STHASHING=minio HOME=<home>`, and `start` returns
-//!    when every instance listens on its sync port (the bench then polls the replicas;
+//!    `STNODEFAULTFOLDER=1 STNOUPGRADE=1 STMONITORED=1 STHASHING=minio HOME=<home>`;
+//!    `start` returns when the last one listens (the bench then polls the replicas;
 //!    Syncthing is never asked whether it is done).
+//!
+//! Why one after the other: every instance dials every peer as soon as it is up, and
+//! a dial that finds no listener is retried only on Syncthing's reconnect schedule
+//! (seen here: 20 s later). Started all at once (3 replicas), two replicas found the
+//! source not listening yet and got it only 20 s later, so W1 measured that wait, and
+//! which peers served which blocks changed from run to run. Started in order, each
+//! new instance reaches every earlier one at once, so the full mesh exists from
+//! the start, every run. The cost is Syncthing's own start-up (~0.6 s, most of it a
+//! fixed-length hashing benchmark) once per instance instead of overlapped; the
+//! source starts first, so its initial scan overlaps the replicas' start-ups.
 //!
 //! Folder settings (and why):
 //!
@@ -278,6 +289,7 @@ impl Tool for Syncthing {
         for me in &all {
             write_file(&me.home.join("config.xml"), &config_xml(me, &all))?;
         }
+        // One after the other, each once the previous one listens: see the module docs.
         for me in &all {
             let mut c = Self::command(env, me.host, &me.home);
             c.arg("serve")
@@ -285,15 +297,13 @@ impl Tool for Syncthing {
                 .args(["--no-browser", "--no-restart", "--logflags=6"]);
             let name = format!("syncthing-{}", me.host.name);
             let child = env.spawn_logged(c, &name)?;
-            self.children.push((name, child));
-        }
-        for me in &all {
+            self.children.push((name.clone(), child));
             env.wait_listening(me.host, SYNC_PORT, Duration::from_secs(60))
                 .with_context(|| {
                     format!(
                         "syncthing on {} did not come up:\n{}",
                         me.host.name,
-                        env.log_tail(&format!("syncthing-{}", me.host.name), 20)
+                        env.log_tail(&name, 20)
                     )
                 })?;
         }
