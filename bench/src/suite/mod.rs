@@ -43,6 +43,9 @@ pub fn registry(names: Option<&[String]>) -> Result<Vec<Box<dyn Tool>>> {
     if wanted("syncthing") {
         v.push(Box::new(tools::syncthing::Syncthing::new()));
     }
+    if wanted("unison") {
+        v.push(Box::new(tools::unison::Unison::new()));
+    }
     if let Some(ns) = names {
         for n in ns {
             if !v.iter().any(|t| t.name() == n) {

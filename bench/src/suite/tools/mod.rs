@@ -28,7 +28,9 @@ use super::cgroup::Cgroup;
 use super::net::{Host, Net};
 
 pub mod cdsync;
+pub mod sshd;
 pub mod syncthing;
+pub mod unison;
 
 /// How the bench drives a tool; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
