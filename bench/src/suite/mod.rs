@@ -55,6 +55,12 @@ pub fn registry(names: Option<&[String]>, debug_daemon: bool) -> Result<Vec<Box<
     if wanted("lsyncd") {
         v.push(Box::new(tools::lsyncd::Lsyncd::new()));
     }
+    if wanted("syncthing") {
+        v.push(Box::new(tools::syncthing::Syncthing::new()));
+    }
+    if wanted("unison") {
+        v.push(Box::new(tools::unison::Unison::new()));
+    }
     v.retain(|t| wanted(t.name()));
     if let Some(ns) = names {
         for n in ns {

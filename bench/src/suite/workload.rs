@@ -174,7 +174,7 @@ impl Tree {
         let size = usize::try_from(self.file_size(i)).unwrap_or(1024);
         let mut r = Rng::derive(self.seed, S_DATA, i as u64);
         let mut v = Vec::with_capacity(size + 16);
-        if (i / 8) % 2 == 0 {
+        if (i / 8).is_multiple_of(2) {
             while v.len() < size {
                 let w = WORDS[usize::try_from(r.below(WORDS.len() as u64)).unwrap_or(0)];
                 v.extend_from_slice(w.as_bytes());

@@ -33,6 +33,9 @@ pub mod rsync_ssh;
 pub mod rsyncd;
 #[cfg(test)]
 pub mod saboteur;
+pub mod sshd;
+pub mod syncthing;
+pub mod unison;
 
 /// How the bench drives a tool; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,12 +158,6 @@ pub fn write_file(path: &Path, text: &str) -> Result<()> {
         fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// A free TCP port number to use inside the namespaces (each namespace has its own
-/// port space; this only avoids collisions between a tool's own listeners).
-pub fn port(n: u16) -> u16 {
-    20_000 + n
 }
 
 /// One tool under test.

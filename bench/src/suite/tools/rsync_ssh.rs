@@ -2,17 +2,9 @@
 //! through its sshd, the way most operators run rsync (no daemon to configure, the
 //! transport encrypted and authenticated by ssh).
 //!
-//! [`Tool::start`] makes keys and an sshd per replica host, all private to the run:
-//!
-//! - an ed25519 host key and an ed25519 client key in the work directory
-//!   (`ssh-keygen -q -t ed25519 -N '' -f …`), the client's public key as the only
-//!   line of `<work>/authorized_keys`;
-//! - `<work>/sshd-rN.conf` (see [`sshd_config`]), and `/usr/sbin/sshd -D -e -f
-//!   <work>/sshd-rN.conf` in the replica's namespace: `-D` keeps it in the
-//!   foreground as our child (stoppable, and in the run's cgroup, with every session
-//!   it forks), `-e` sends its log to stderr, which goes to `<work>/sshd-rN.log`.
-//!   sshd wants its privilege-separation directory `/run/sshd`; it is made if absent;
-//! - one `ssh … root@<ip> true` per replica, before anything is timed, so that a
+//! [`Tool::start`] starts a private sshd per replica host ([`super::sshd`], shared
+//! with Unison: keys, configs and `known_hosts` of the run's own), then runs
+//! one `ssh … root@<ip> true` per replica, before anything is timed, so that a
 //!   broken login fails the start rather than the first sync. That probe runs with
 //!   `-v` and its log names the cipher the peers chose; with OpenSSH 9.2 on both ends
 //!   and no cipher configured, that is `chacha20-poly1305@openssh.com` (printed).
@@ -21,84 +13,29 @@
 //! fans out in parallel; see [`super::rsyncd`]):
 //!
 //! ```text
-//! rsync -a --delete -e "ssh -i <work>/client_key -o StrictHostKeyChecking=no \
-//!     -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR" \
-//!     <source_root>/ root@<ip>:<replica root>/
+//! rsync -a --delete -e "ssh -F /dev/null -i <work>/ssh/client_ed25519 \
+//!     -o UserKnownHostsFile=<work>/ssh/known_hosts -o StrictHostKeyChecking=yes \
+//!     -o BatchMode=yes" <source_root>/ root@<ip>:<replica root>/
 //! ```
 //!
 //! `-a --delete` and no `-z` for the reasons given in [`super::rsyncd`]; ssh's own
-//! compression is off by default and stays off. The ssh options only make a
-//! throw-away host key acceptable without a prompt (`StrictHostKeyChecking`,
-//! `UserKnownHostsFile`), make a failed login fail instead of asking for a password
-//! (`BatchMode`) and keep the "Permanently added" notice out of the logs
-//! (`LogLevel`); none changes the transfer. The cipher is ssh's default.
+//! compression is off by default and stays off. The ssh options only pin the run's
+//! own keys and make a failed login fail instead of asking for a password; none
+//! changes the transfer. The cipher is ssh's default.
 
-use std::fmt::Write as _;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::rsyncd::{run_all_logged, source_arg};
-use super::{Env, Style, Tool, terminate, write_file};
-use crate::suite::net::Host;
-
-/// sshd's port (each replica has a namespace of its own).
-const SSH_PORT: u16 = 22;
-
-/// The sshd configuration for `host`: only what the bench needs, everything else at
-/// sshd's defaults.
-///
-/// - `ListenAddress <ip>:22`: the bench network only;
-/// - `HostKey`: the run's own key;
-/// - `AuthorizedKeysFile`: the run's own file, so that root's real
-///   `~/.ssh/authorized_keys` is neither used nor touched;
-/// - `PermitRootLogin prohibit-password`: root (to write owners and every mode bit),
-///   by key only; `PasswordAuthentication no`, `KbdInteractiveAuthentication no`;
-/// - `UsePAM no`: no PAM session setup (nothing in the namespace needs it);
-/// - `StrictModes no`: the work directory's modes are whatever the bench's are;
-/// - `PidFile`: in the work directory, so that several sshds (and the machine's own)
-///   do not fight over `/run/sshd.pid`.
-fn sshd_config(env: &Env, host: &Host) -> String {
-    let w = |name: &str| env.work.join(name).display().to_string();
-    let mut s = String::new();
-    let _ = writeln!(s, "Port {SSH_PORT}");
-    let _ = writeln!(s, "ListenAddress {}:{SSH_PORT}", host.ip);
-    let _ = writeln!(s, "HostKey {}", w("ssh_host_ed25519_key"));
-    let _ = writeln!(s, "AuthorizedKeysFile {}", w("authorized_keys"));
-    let _ = writeln!(s, "PermitRootLogin prohibit-password");
-    let _ = writeln!(s, "PasswordAuthentication no");
-    let _ = writeln!(s, "KbdInteractiveAuthentication no");
-    let _ = writeln!(s, "UsePAM no");
-    let _ = writeln!(s, "StrictModes no");
-    let _ = writeln!(s, "PidFile {}", w(&format!("sshd-{}.pid", host.name)));
-    s
-}
-
-/// The `ssh` command line rsync is given with `-e` (and the probe runs).
-fn ssh_args(key: &Path) -> Vec<String> {
-    vec![
-        "-i".to_owned(),
-        key.display().to_string(),
-        "-o".to_owned(),
-        "StrictHostKeyChecking=no".to_owned(),
-        "-o".to_owned(),
-        "UserKnownHostsFile=/dev/null".to_owned(),
-        "-o".to_owned(),
-        "BatchMode=yes".to_owned(),
-        "-o".to_owned(),
-        "LogLevel=ERROR".to_owned(),
-    ]
-}
+use super::sshd::Sshd;
+use super::{Env, Style, Tool};
 
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct RsyncSsh {
-    sshds: Vec<Child>,
-    key: PathBuf,
+    sshd: Option<Sshd>,
 }
 
 impl RsyncSsh {
@@ -106,13 +43,8 @@ impl RsyncSsh {
         Self::default()
     }
 
-    /// `ssh-keygen` an ed25519 key pair at `path` (on the source host: it is only
-    /// set-up, but every process of a tool goes through [`Env::command`]).
-    fn keygen(env: &Env, path: &Path, log: &str) -> Result<()> {
-        let mut c = env.command(env.source, "ssh-keygen");
-        c.args(["-q", "-t", "ed25519", "-N", "", "-C", "cdsync-bench", "-f"])
-            .arg(path);
-        env.run_logged(c, log)
+    fn ssh_args(&self) -> Vec<String> {
+        self.sshd.as_ref().map(Sshd::ssh_args).unwrap_or_default()
     }
 }
 
@@ -130,45 +62,14 @@ impl Tool for RsyncSsh {
     }
 
     fn start(&mut self, env: &Env) -> Result<()> {
-        let host_key = env.work.join("ssh_host_ed25519_key");
-        self.key = env.work.join("client_key");
-        Self::keygen(env, &host_key, "keygen")?;
-        Self::keygen(env, &self.key, "keygen")?;
-        let pubkey = env.work.join("client_key.pub");
-        fs::copy(&pubkey, env.work.join("authorized_keys"))
-            .with_context(|| format!("copying {}", pubkey.display()))?;
-
-        let privsep = Path::new("/run/sshd");
-        if !privsep.is_dir() {
-            fs::create_dir_all(privsep).context("creating /run/sshd")?;
-            fs::set_permissions(privsep, fs::Permissions::from_mode(0o755))?;
-        }
-
-        for (host, _) in &env.replicas {
-            let name = format!("sshd-{}", host.name);
-            let conf = env.work.join(format!("{name}.conf"));
-            write_file(&conf, &sshd_config(env, host))?;
-            let mut c = env.command(host, "/usr/sbin/sshd");
-            c.arg("-D").arg("-e").arg("-f").arg(&conf);
-            self.sshds.push(env.spawn_logged(c, &name)?);
-        }
-        for (host, _) in &env.replicas {
-            env.wait_listening(host, SSH_PORT, Duration::from_secs(10))
-                .with_context(|| {
-                    format!(
-                        "sshd on {}:\n{}",
-                        host.name,
-                        env.log_tail(&format!("sshd-{}", host.name), 20)
-                    )
-                })?;
-        }
-
+        let hosts: Vec<_> = env.replicas.iter().map(|(h, _)| *h).collect();
+        self.sshd = Some(Sshd::start(env, &hosts)?);
         // Log in once to every replica before anything is timed.
         let mut cipher = None;
         for (host, _) in &env.replicas {
             let name = format!("ssh-probe-{}", host.name);
             let mut c = env.command(env.source, "ssh");
-            c.args(ssh_args(&self.key))
+            c.args(self.ssh_args())
                 .arg("-v")
                 .arg(format!("root@{}", host.ip))
                 .arg("true");
@@ -188,7 +89,7 @@ impl Tool for RsyncSsh {
 
     fn sync(&mut self, env: &Env) -> Result<()> {
         let rsh = std::iter::once("ssh".to_owned())
-            .chain(ssh_args(&self.key))
+            .chain(self.ssh_args())
             .collect::<Vec<_>>()
             .join(" ");
         let cmds: Vec<(Command, String)> = env
@@ -209,10 +110,9 @@ impl Tool for RsyncSsh {
     }
 
     fn stop(&mut self, _env: &Env) -> Result<()> {
-        for c in &mut self.sshds {
-            terminate(c, Duration::from_secs(5))?;
+        if let Some(mut s) = self.sshd.take() {
+            s.stop()?;
         }
-        self.sshds.clear();
         Ok(())
     }
 }
