@@ -122,7 +122,7 @@ pub fn trial(args: &[String]) -> Result<()> {
     tree.generate(&src)?;
     for mut t in tools {
         let roots = fresh_replicas(&dir, replicas)?;
-        let cg = Cgroup::create(&format!("trial-{}", t.name()))?;
+        let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
         let env = env(&net, &src, &roots, &dir.join("work"), t.name(), &cg)?;
         let w1 = measure::initial(&net, &mut *t, &env, Duration::from_secs(300))?;
         println!("{} {:?} W1: {w1}", t.name(), t.style());

@@ -110,6 +110,12 @@ impl Net {
         Ok(net)
     }
 
+    /// The prefix of the namespaces' names (also names the runs' cgroups, so that two
+    /// benches side by side never touch each other's processes).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The host called `name`.
     pub fn host(&self, name: &str) -> Result<&Host> {
         self.hosts

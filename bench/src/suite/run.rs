@@ -39,7 +39,10 @@ pub struct Scale {
     pub sample_size: usize,
     pub burst: usize,
     pub idle: Duration,
+    /// How long a live tool may take to make the replicas identical (W1, W3, W4).
     pub limit: Duration,
+    /// The same for W2's small change.
+    pub limit_incremental: Duration,
 }
 
 impl Scale {
@@ -70,7 +73,8 @@ impl Scale {
             sample_size: 4096,
             burst: 20_000,
             idle: Duration::from_secs(10),
-            limit: Duration::from_secs(600),
+            limit: Duration::from_secs(300),
+            limit_incremental: Duration::from_secs(120),
         }
     }
 
@@ -101,7 +105,8 @@ impl Scale {
             sample_size: 4096,
             burst: 2_000,
             idle: Duration::from_secs(10),
-            limit: Duration::from_secs(180),
+            limit: Duration::from_secs(120),
+            limit_incremental: Duration::from_secs(60),
         }
     }
 
@@ -134,6 +139,7 @@ impl Scale {
             burst: 200,
             idle: Duration::from_secs(1),
             limit: Duration::from_secs(120),
+            limit_incremental: Duration::from_secs(60),
         }
     }
 }
@@ -263,9 +269,7 @@ pub fn run_tools(args: &Args, mut tools: Vec<Box<dyn Tool>>) -> Result<Report> {
                 let mut w2 = Record::new(t.name(), "W2", replicas, 0);
                 for run in 0..sc.runs {
                     eprintln!("bench: W1+W2 {} → {replicas}, run {}", t.name(), run + 1);
-                    match initial_and_incremental(
-                        &net, &mut **t, dir, &src, &sc.w1, replicas, sc.limit,
-                    ) {
+                    match initial_and_incremental(&net, &mut **t, dir, &src, &sc.w1, replicas, sc) {
                         Ok((a, b, bytes)) => {
                             eprintln!("  W1 {a}\n  W2 {b}");
                             w1.push(a);
@@ -359,15 +363,15 @@ fn initial_and_incremental(
     src: &Path,
     tree: &Tree,
     replicas: usize,
-    limit: Duration,
+    sc: &Scale,
 ) -> Result<(Sample, Sample, u64)> {
     let roots = fresh_replicas(dir, replicas)?;
     settle();
-    let cg = Cgroup::create(t.name())?;
+    let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
     let env = env(net, src, &roots, &dir.join("work"), t.name(), &cg)?;
     let result = (|| {
-        let a = measure::initial(net, t, &env, limit)?;
-        let b = measure::incremental(net, t, &env, tree, limit)?;
+        let a = measure::initial(net, t, &env, sc.limit)?;
+        let b = measure::incremental(net, t, &env, tree, sc.limit_incremental)?;
         Ok::<_, anyhow::Error>((a, b))
     })();
     let stopped = t.stop(&env);
@@ -382,7 +386,7 @@ fn initial_and_incremental(
 fn fan_out(net: &Net, t: &mut dyn Tool, dir: &Path, src: &Path, sc: &Scale) -> Result<Sample> {
     let roots = fresh_replicas(dir, sc.fanout)?;
     settle();
-    let cg = Cgroup::create(t.name())?;
+    let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
     let env = env(net, src, &roots, &dir.join("work"), t.name(), &cg)?;
     let result = measure::initial(net, t, &env, sc.limit);
     let stopped = t.stop(&env);
@@ -408,7 +412,7 @@ fn live_workloads(
     }
     fs::create_dir_all(&src)?;
     let roots = fresh_replicas(dir, replicas)?;
-    let cg = Cgroup::create(t.name())?;
+    let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
     let env = env(net, &src, &roots, &dir.join("work"), t.name(), &cg)?;
     let result = (|| {
         fs::create_dir(src.join("lat"))?;
