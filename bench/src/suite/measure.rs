@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::net::Net;
 use super::tools::{Env, Style, Tool};
 use super::verify::{self, Converged};
 use super::workload::{Mutation, Tree};
@@ -119,7 +118,7 @@ fn one_shot(env: &Env, tool: &mut dyn Tool) -> Result<Sample> {
 }
 
 /// W1 (or W4): the first sync to empty replicas. Leaves the tool running.
-pub fn initial(_net: &Net, tool: &mut dyn Tool, env: &Env, limit: Duration) -> Result<Sample> {
+pub fn initial(tool: &mut dyn Tool, env: &Env, limit: Duration) -> Result<Sample> {
     match tool.style() {
         Style::OneShot => {
             tool.start(env)?;
@@ -148,7 +147,6 @@ impl fmt::Display for Incremental {
 
 /// W2: mutate the source of a tool that has done W1, and sync (one-shot) or wait.
 pub fn incremental(
-    _net: &Net,
     tool: &mut dyn Tool,
     env: &Env,
     tree: &Tree,

@@ -124,9 +124,9 @@ pub fn trial(args: &[String]) -> Result<()> {
         let roots = fresh_replicas(&dir, replicas)?;
         let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
         let env = env(&net, &src, &roots, &dir.join("work"), t.name(), &cg)?;
-        let w1 = measure::initial(&net, &mut *t, &env, Duration::from_secs(300))?;
+        let w1 = measure::initial(&mut *t, &env, Duration::from_secs(300))?;
         println!("{} {:?} W1: {w1}", t.name(), t.style());
-        let w2 = measure::incremental(&net, &mut *t, &env, &tree, Duration::from_secs(300))?;
+        let w2 = measure::incremental(&mut *t, &env, &tree, Duration::from_secs(300))?;
         println!("{} {:?} W2: {w2}", t.name(), t.style());
         t.stop(&env)?;
         cg.kill_all()?;

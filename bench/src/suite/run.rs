@@ -370,8 +370,8 @@ fn initial_and_incremental(
     let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
     let env = env(net, src, &roots, &dir.join("work"), t.name(), &cg)?;
     let result = (|| {
-        let a = measure::initial(net, t, &env, sc.limit)?;
-        let b = measure::incremental(net, t, &env, tree, sc.limit_incremental)?;
+        let a = measure::initial(t, &env, sc.limit)?;
+        let b = measure::incremental(t, &env, tree, sc.limit_incremental)?;
         Ok::<_, anyhow::Error>((a, b))
     })();
     let stopped = t.stop(&env);
@@ -388,7 +388,7 @@ fn fan_out(net: &Net, t: &mut dyn Tool, dir: &Path, src: &Path, sc: &Scale) -> R
     settle();
     let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
     let env = env(net, src, &roots, &dir.join("work"), t.name(), &cg)?;
-    let result = measure::initial(net, t, &env, sc.limit);
+    let result = measure::initial(t, &env, sc.limit);
     let stopped = t.stop(&env);
     cg.kill_all()?;
     let s = result?;
@@ -416,7 +416,7 @@ fn live_workloads(
     let env = env(net, &src, &roots, &dir.join("work"), t.name(), &cg)?;
     let result = (|| {
         fs::create_dir(src.join("lat"))?;
-        let ready = measure::initial(net, t, &env, sc.limit)?;
+        let ready = measure::initial(t, &env, sc.limit)?;
         ensure!(
             ready.identical,
             "{} did not mirror an empty tree: {ready}",
