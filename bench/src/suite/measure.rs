@@ -139,12 +139,6 @@ pub struct Incremental {
     pub mutation: Mutation,
 }
 
-impl fmt::Display for Incremental {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.sample.fmt(f)
-    }
-}
-
 /// W2: mutate the source of a tool that has done W1, and sync (one-shot) or wait.
 pub fn incremental(
     tool: &mut dyn Tool,

@@ -110,32 +110,30 @@ pub fn trial(args: &[String]) -> Result<()> {
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    let tree = Tree {
-        seed: 1,
-        files,
-        dirs: (files / 50).max(2),
-        big: 1,
-        big_size: 8 << 20,
-        symlinks: 5,
+    let sc = run::Scale {
+        w1: Tree {
+            seed: 1,
+            files,
+            dirs: (files / 50).max(2),
+            big: 1,
+            big_size: 8 << 20,
+            symlinks: 5,
+        },
+        limit: Duration::from_secs(300),
+        limit_incremental: Duration::from_secs(300),
+        ..run::Scale::smoke()
     };
     let src = dir.join("src");
-    tree.generate(&src)?;
+    sc.w1.generate(&src)?;
     for mut t in tools {
-        let roots = fresh_replicas(&dir, replicas)?;
-        let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
-        let env = env(&net, &src, &roots, &dir.join("work"), t.name(), &cg)?;
-        let w1 = measure::initial(&mut *t, &env, Duration::from_secs(300))?;
+        let (w1, w2, _) = run::initial_and_incremental(&net, &mut *t, &dir, &src, replicas, &sc)?;
         println!("{} {:?} W1: {w1}", t.name(), t.style());
-        let w2 = measure::incremental(&mut *t, &env, &tree, Duration::from_secs(300))?;
         println!("{} {:?} W2: {w2}", t.name(), t.style());
-        t.stop(&env)?;
-        cg.kill_all()?;
-        tree.restore(&src, &w2.mutation)?;
-        if !(w1.identical && w2.sample.identical) {
+        if !(w1.identical && w2.identical) {
             bail!(
                 "{} left a replica different; see {}",
                 t.name(),
-                env.work.display()
+                dir.join("work").join(t.name()).display()
             );
         }
     }

@@ -269,7 +269,7 @@ pub fn run_tools(args: &Args, mut tools: Vec<Box<dyn Tool>>) -> Result<Report> {
                 let mut w2 = Record::new(t.name(), "W2", replicas, 0);
                 for run in 0..sc.runs {
                     eprintln!("bench: W1+W2 {} → {replicas}, run {}", t.name(), run + 1);
-                    match initial_and_incremental(&net, &mut **t, dir, &src, &sc.w1, replicas, sc) {
+                    match initial_and_incremental(&net, &mut **t, dir, &src, replicas, sc) {
                         Ok((a, b, bytes)) => {
                             eprintln!("  W1 {a}\n  W2 {b}");
                             w1.push(a);
@@ -355,16 +355,17 @@ fn settle() {
     let _ = Command::new("sync").status();
 }
 
-/// W1 then W2 for one tool with `replicas` empty replicas; the source is put back.
-fn initial_and_incremental(
+/// W1 then W2 (the tree `sc.w1`, at `src`) for one tool with `replicas` empty
+/// replicas under `dir`; the source is put back. Also `bench trial`'s whole work.
+pub fn initial_and_incremental(
     net: &Net,
     t: &mut dyn Tool,
     dir: &Path,
     src: &Path,
-    tree: &Tree,
     replicas: usize,
     sc: &Scale,
 ) -> Result<(Sample, Sample, u64)> {
+    let tree = &sc.w1;
     let roots = fresh_replicas(dir, replicas)?;
     settle();
     let cg = Cgroup::create(&format!("{}-{}", net.prefix(), t.name()))?;
