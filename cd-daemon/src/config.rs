@@ -60,10 +60,21 @@ pub struct MasterContentSet {
     pub zstd_level: i32,
     /// 0 = unlimited.
     pub max_rate_bytes_per_sec: u64,
+    /// `delta = "auto"` (default: a delta against the replica's version where it
+    /// pays) or `"never"` (whole files only, "dump copy").
+    pub delta: DeltaMode,
     pub mode: SyncMode,
     /// `include`, `exclude` and `commands`: what the set syncs and which changes it
     /// may make on its replicas (everything when none is given).
     pub filter: Filter,
+}
+
+/// Whether a content set's changed files may travel as deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeltaMode {
+    #[default]
+    Auto,
+    Never,
 }
 
 /// The prefix that makes an `include`/`exclude` entry a regex; anything else is a glob.
@@ -156,6 +167,7 @@ struct RawMasterSet {
     targets: Spanned<Vec<Spanned<String>>>,
     zstd_level: Option<Spanned<i64>>,
     max_rate_bytes_per_sec: Option<Spanned<i64>>,
+    delta: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     include: Option<Vec<Spanned<String>>>,
     exclude: Option<Vec<Spanned<String>>>,
@@ -303,6 +315,16 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         return Err(err(r.span(), "max_rate_bytes_per_sec must be >= 0".into()));
                     }
                 };
+                let delta = match s.delta.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None | Some(("auto", _)) => DeltaMode::Auto,
+                    Some(("never", _)) => DeltaMode::Never,
+                    Some((other, span)) => {
+                        return Err(err(
+                            span,
+                            format!("delta `{other}` is not one of auto, never"),
+                        ));
+                    }
+                };
                 let mode = match s.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
                     None | Some(("manual", _)) => SyncMode::Manual,
                     Some(("realtime", _)) => SyncMode::Realtime,
@@ -345,6 +367,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         .collect(),
                     zstd_level,
                     max_rate_bytes_per_sec,
+                    delta,
                     mode,
                     filter: Filter::new(include, exclude, commands),
                 });
@@ -843,6 +866,10 @@ root = "/srv/www"
         assert!(e.reason.contains("unopened group"), "{e}");
     }
 
+    fn c_delta(c: &Config) -> DeltaMode {
+        c.master.as_ref().unwrap().content_sets[0].delta
+    }
+
     #[test]
     fn master_set_validation() {
         let base = r#"
@@ -862,6 +889,12 @@ targets = ["node2", "node3"]
         assert!(e.reason.contains("not one of manual, realtime"), "{e}");
         let c = p(&format!("{base}mode = \"realtime\"\n")).unwrap();
         assert_eq!(c.master.unwrap().content_sets[0].mode, SyncMode::Realtime);
+        assert_eq!(c_delta(&p(base).unwrap()), DeltaMode::Auto);
+        let c = p(&format!("{base}delta = \"never\"\n")).unwrap();
+        assert_eq!(c_delta(&c), DeltaMode::Never);
+        let e = p(&format!("{base}delta = \"sometimes\"\n")).unwrap_err();
+        assert_eq!(e.line, 11);
+        assert!(e.reason.contains("not one of auto, never"), "{e}");
         let e = p(&format!("{base}zstd_level = 99\n")).unwrap_err();
         assert_eq!(e.line, 11);
         assert!(e.reason.contains("out of range"), "{e}");

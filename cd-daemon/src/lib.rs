@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod control;
+pub mod delta;
 pub mod fs;
 pub mod master;
 pub mod net;

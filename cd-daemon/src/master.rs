@@ -249,6 +249,10 @@ impl Master {
                 zstd_level: s.zstd_level,
                 source: s.source.clone(),
                 max_rate_bytes_per_sec: s.max_rate_bytes_per_sec,
+                delta: match s.delta {
+                    crate::config::DeltaMode::Auto => pb::DeltaMode::Auto,
+                    crate::config::DeltaMode::Never => pb::DeltaMode::Never,
+                } as i32,
                 realtime: s.mode == crate::config::SyncMode::Realtime,
                 // Source and targets alike: both ends apply the filter.
                 filter: Some(pb::Filter::from(&s.filter)),
@@ -465,6 +469,8 @@ pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
             "target": t.target, "ok": t.ok, "error": t.error, "files_sent": t.files_sent,
             "bytes_sent": t.bytes_sent, "wire_bytes": t.wire_bytes, "reused_local": t.reused_local,
             "removed": t.removed, "meta_only": t.meta_only, "duration_ms": t.duration_ms, "resent": t.resent,
+            "delta_files": t.delta_files, "delta_bytes": t.delta_bytes,
+            "patch_bytes": t.patch_bytes, "signature_exchanges": t.signature_exchanges,
         })).collect::<Vec<_>>(),
     })
 }

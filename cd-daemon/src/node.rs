@@ -128,6 +128,8 @@ pub struct Node {
     owner: bool,
     /// Kernel change capture, started with the first real-time content set.
     capture: Mutex<Option<Arc<CaptureService>>>,
+    /// Signatures of what this node distributed, and patches being broadcast.
+    delta_cache: Arc<crate::delta::DeltaCache>,
 }
 
 pub fn now_unix() -> i64 {
@@ -183,6 +185,7 @@ impl Node {
             state_dir: cfg.state_dir.clone(),
             cfg: ncfg,
             client_cfg,
+            delta_cache: Arc::new(crate::delta::DeltaCache::new()),
             data_addr,
             sets,
             master_connected: AtomicBool::new(false),
@@ -873,6 +876,8 @@ impl Node {
             root,
             zstd_level: assignment.zstd_level,
             max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
+            delta: assignment.delta(),
+            cache: self.delta_cache.clone(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         for peer in assignment
@@ -1062,6 +1067,8 @@ impl Node {
                 root: Arc::new(root),
                 zstd_level: assignment.zstd_level,
                 max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
+                delta: assignment.delta(),
+                cache: self.delta_cache.clone(),
             });
             let mut tasks = tokio::task::JoinSet::new();
             for peer in pending.drain(..) {
@@ -1088,6 +1095,10 @@ impl Node {
                         entry.bytes_sent += st.bytes_sent;
                         entry.wire_bytes += st.wire_bytes;
                         entry.resent += st.resent;
+                        entry.delta_files += st.delta_files;
+                        entry.delta_bytes += st.delta_bytes;
+                        entry.patch_bytes += st.patch_bytes;
+                        entry.signature_exchanges += st.signature_exchanges;
                         entry.reused_local += st.apply.reused_local;
                         entry.removed += st.apply.removed;
                         entry.meta_only += st.apply.meta_only;

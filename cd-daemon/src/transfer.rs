@@ -26,13 +26,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cd_core::changeset::{Change, ChangeBody, ChangeSet};
+use cd_core::delta::{DumpPolicy, Signature};
 use cd_core::filter::Filter;
-use cd_core::manifest::{Entry, Hash, Manifest};
+use cd_core::manifest::{Entry, EntryKind, Hash, Manifest};
 use cd_core::path::RelPath;
 use cd_core::plan::{Plan, PlanOptions};
 use cd_proto::pb::{self, envelope::Msg};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::delta::{self, Base, DeltaCache};
 use crate::fs::{self, Root};
 use crate::net::{Conn, Incoming, NetError, msg_name};
 
@@ -70,6 +72,10 @@ pub struct Outgoing {
     pub root: Arc<Root>,
     pub zstd_level: i32,
     pub max_rate_bytes_per_sec: u64,
+    /// Deltas where they pay, or whole files only.
+    pub delta: pb::DeltaMode,
+    /// The source's signature cache and patch memo, shared by all its transfers.
+    pub cache: Arc<DeltaCache>,
 }
 
 /// What a transfer carries.
@@ -85,12 +91,16 @@ pub enum OutBody {
 }
 
 impl OutBody {
-    /// The content hash the source announced for `path`, if any.
-    fn announced(&self, path: &RelPath) -> Option<Hash> {
+    /// The content hash and size the source announced for `path`, if any.
+    fn announced(&self, path: &RelPath) -> Option<(Hash, u64)> {
+        let file = |e: &Entry| match &e.kind {
+            EntryKind::File { hash, size, .. } => Some((*hash, *size)),
+            _ => None,
+        };
         match self {
-            OutBody::Full(m) => m.get(path).and_then(Entry::hash).copied(),
+            OutBody::Full(m) => m.get(path).and_then(file),
             OutBody::Incremental { changes, .. } => changes.iter().rev().find_map(|c| match c {
-                Change::Upsert(e) if &e.path == path => e.hash().copied(),
+                Change::Upsert(e) if &e.path == path => file(e),
                 _ => None,
             }),
         }
@@ -110,6 +120,12 @@ pub struct SendStats {
     pub apply: pb::ApplyResult,
     /// The replica could not apply an incremental body: send it a full manifest.
     pub need_full: bool,
+    /// Files sent as deltas, their content bytes, and the patch bytes that carried them.
+    pub delta_files: u64,
+    pub delta_bytes: u64,
+    pub patch_bytes: u64,
+    /// Bases whose signature the replica had to send (not in the source's cache).
+    pub signature_exchanges: u64,
 }
 
 /// Runs the source side over an established, `Hello`-ed connection.
@@ -172,18 +188,87 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 
-    let started = Instant::now();
-    let mut paced: u64 = 0;
-    let mut buf = vec![0u8; cd_proto::frame::MAX_CHUNK_RAW];
+    // Check every need before any work, and find which can go as deltas.
+    let policy = DumpPolicy::default();
+    let mut checked = Vec::with_capacity(needs.len());
     for need in needs {
         let path = RelPath::new(need.path.clone())
             .map_err(|e| TransferError::Protocol(format!("need for invalid path: {e}")))?;
         let want = cd_proto::convert::hash_from_bytes(&need.hash)
             .map_err(|e| TransferError::Protocol(format!("need for {path}: {e}")))?;
-        if out.body.announced(&path) != Some(want) {
+        let Some((_, size)) = out.body.announced(&path).filter(|(h, _)| *h == want) else {
             return Err(TransferError::Protocol(format!(
                 "replica asked for {path} with a hash the manifest does not have"
             )));
+        };
+        let base = if need.base_hash.is_empty() {
+            None
+        } else {
+            let h = cd_proto::convert::hash_from_bytes(&need.base_hash)
+                .map_err(|e| TransferError::Protocol(format!("need for {path}: base {e}")))?;
+            Some(Base {
+                hash: h,
+                size: need.base_size,
+            })
+        };
+        checked.push(Checked {
+            need,
+            path,
+            want,
+            size,
+            base,
+        });
+    }
+    let sigs = signatures(conn, out, &policy, &checked, &mut st).await?;
+
+    let started = Instant::now();
+    let mut paced: u64 = 0;
+    let mut buf = vec![0u8; cd_proto::frame::MAX_CHUNK_RAW];
+    for Checked {
+        need, path, want, ..
+    } in checked
+    {
+        if let Some(sig) = sigs.get(&need.file_id) {
+            let outcome = out.cache.patch(&out.root, &path, sig, &want, &policy).await;
+            match outcome {
+                Ok(delta::Outcome::Patch(g)) => {
+                    conn.send(Msg::FileBegin(pb::FileBegin {
+                        file_id: need.file_id,
+                        size: g.sent.size,
+                        patch_size: g.patch.len() as u64,
+                        base_hash: sig.base().hash.to_vec(),
+                    }))
+                    .await?;
+                    for chunk in g.patch.chunks(cd_proto::frame::MAX_CHUNK_RAW) {
+                        st.wire_bytes +=
+                            conn.send_data(need.file_id, chunk, out.zstd_level).await?;
+                        paced += chunk.len() as u64;
+                        pace(started, paced, out.max_rate_bytes_per_sec).await;
+                    }
+                    conn.send(Msg::FileEnd(file_end(need.file_id, &g.sent)))
+                        .await?;
+                    st.files_sent += 1;
+                    st.bytes_sent += g.sent.size;
+                    st.delta_files += 1;
+                    st.delta_bytes += g.sent.size;
+                    st.patch_bytes += g.patch.len() as u64;
+                    continue;
+                }
+                Ok(delta::Outcome::Changed) => {
+                    st.changed_since_scan += 1;
+                    conn.send(Msg::FileAbort(pb::FileAbort {
+                        file_id: need.file_id,
+                        reason: "changed since scan".into(),
+                        retrying: false,
+                    }))
+                    .await?;
+                    continue;
+                }
+                Ok(delta::Outcome::Whole) => {}
+                Err(e) => {
+                    tracing::info!(path = %path, error = %e, "delta generation failed; sending the whole file");
+                }
+            }
         }
         let mut attempt = 0;
         loop {
@@ -206,6 +291,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             conn.send(Msg::FileBegin(pb::FileBegin {
                 file_id: need.file_id,
                 size: f.size(),
+                ..Default::default()
             }))
             .await?;
             let mut read_err = None;
@@ -232,15 +318,8 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             };
             match finished {
                 Ok(sent) if sent.hash == want => {
-                    conn.send(Msg::FileEnd(pb::FileEnd {
-                        file_id: need.file_id,
-                        size: sent.size,
-                        hash: sent.hash.to_vec(),
-                        mode: sent.mode,
-                        mtime_sec: sent.mtime_sec,
-                        mtime_nsec: sent.mtime_nsec,
-                    }))
-                    .await?;
+                    conn.send(Msg::FileEnd(file_end(need.file_id, &sent)))
+                        .await?;
                     st.files_sent += 1;
                     st.bytes_sent += sent.size;
                     break;
@@ -286,6 +365,105 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             msg_name(&m)
         ))),
     }
+}
+
+/// A need the source checked against what it announced.
+struct Checked {
+    need: pb::Need,
+    path: RelPath,
+    want: Hash,
+    size: u64,
+    /// The replica's version at the path, if it named one.
+    base: Option<Base>,
+}
+
+fn file_end(file_id: u32, sent: &fs::SentFile) -> pb::FileEnd {
+    pb::FileEnd {
+        file_id,
+        size: sent.size,
+        hash: sent.hash.to_vec(),
+        mode: sent.mode,
+        mtime_sec: sent.mtime_sec,
+        mtime_nsec: sent.mtime_nsec,
+    }
+}
+
+/// Finds the signature of every base a delta should be made against: from the cache
+/// (the broadcast case, no round trip) or, for the rest, from the replica (one
+/// `SignatureRequest`, always sent, possibly empty). Returns them by file id.
+async fn signatures<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    out: &Outgoing,
+    policy: &DumpPolicy,
+    checked: &[Checked],
+    st: &mut SendStats,
+) -> Result<std::collections::HashMap<u32, Arc<Signature>>, TransferError> {
+    use cd_core::delta::{Decision, decide};
+    let mut sigs = std::collections::HashMap::new();
+    let mut request = Vec::new();
+    if out.delta != pb::DeltaMode::Never {
+        for c in checked {
+            let Some(base) = c.base else {
+                continue;
+            };
+            if base.hash == c.want
+                || decide(policy, Some(base.size), c.size, None) != Decision::Delta
+            {
+                continue;
+            }
+            match out.cache.signature(&base.hash, base.size) {
+                Some(sig) => {
+                    sigs.insert(c.need.file_id, sig);
+                }
+                None => request.push((c.need.file_id, base)),
+            }
+        }
+    }
+    conn.send(Msg::SignatureRequest(pb::SignatureRequest {
+        file_ids: request.iter().map(|r| r.0).collect(),
+    }))
+    .await?;
+    for (file_id, base) in request {
+        let mut data = Vec::new();
+        loop {
+            match conn.recv_msg().await? {
+                Msg::SignaturePart(p) if p.file_id == file_id => {
+                    if data.len() + p.data.len() > delta::MAX_SIGNATURE_BYTES {
+                        return Err(TransferError::Protocol(format!(
+                            "signature for file {file_id} is larger than {} bytes",
+                            delta::MAX_SIGNATURE_BYTES
+                        )));
+                    }
+                    data.extend_from_slice(&p.data);
+                    if p.last {
+                        break;
+                    }
+                }
+                m => {
+                    return Err(TransferError::Protocol(format!(
+                        "expected the signature of file {file_id}, got {}",
+                        msg_name(&m)
+                    )));
+                }
+            }
+        }
+        if data.is_empty() {
+            // The replica's base changed or vanished: the file goes whole.
+            continue;
+        }
+        let sig = Signature::decode(&data)
+            .map_err(|e| TransferError::Protocol(format!("signature for file {file_id}: {e}")))?;
+        if sig.base().hash != base.hash || sig.base().len != base.size {
+            return Err(TransferError::Protocol(format!(
+                "signature for file {file_id} is not of the base the replica named"
+            )));
+        }
+        let sig = Arc::new(sig);
+        out.cache.remember(sig.clone());
+        sigs.insert(file_id, sig);
+        st.signature_exchanges += 1;
+    }
+    Ok(sigs)
 }
 
 /// Sends `items` as chunk messages bounded by entries and encoded bytes (paths can be
@@ -389,6 +567,70 @@ impl ReplicaState {
     }
 }
 
+/// The replica's root, its plan, the tree it plans towards, and the delta base it
+/// holds for each file it fetches.
+type Planned = (Root, Plan, Manifest, Vec<Option<Base>>);
+
+/// Answers the source's `SignatureRequest` (always sent after the need list): the
+/// signature of each base it asks for, in its order, or an empty run where the base
+/// is gone or changed. Only bases this replica offered may be asked for, once each.
+async fn send_signatures<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    root: &Root,
+    plan: &Plan,
+    bases: &[Option<Base>],
+) -> Result<(), TransferError> {
+    let req = match conn.recv_msg().await? {
+        Msg::SignatureRequest(r) => r,
+        m => {
+            return Err(TransferError::Protocol(format!(
+                "expected SignatureRequest, got {}",
+                msg_name(&m)
+            )));
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    for file_id in req.file_ids {
+        let Some(base) = bases.get(file_id as usize).copied().flatten() else {
+            return Err(TransferError::Protocol(format!(
+                "signature asked for file {file_id}, which has no base here"
+            )));
+        };
+        if !seen.insert(file_id) {
+            return Err(TransferError::Protocol(format!(
+                "signature asked twice for file {file_id}"
+            )));
+        }
+        let path = &plan.fetch[file_id as usize].path;
+        let sig = tokio::task::block_in_place(|| {
+            delta::base_signature(root, path, base)
+        })
+        .unwrap_or_else(|e| {
+            tracing::info!(path = %path, error = %e, "cannot sign the delta base; the file comes whole");
+            None
+        });
+        let data = sig.map(|s| s.encode()).unwrap_or_default();
+        let mut parts = data.chunks(delta::SIGNATURE_PART_BYTES).peekable();
+        if parts.peek().is_none() {
+            conn.send(Msg::SignaturePart(pb::SignaturePart {
+                file_id,
+                data: Vec::new(),
+                last: true,
+            }))
+            .await?;
+        }
+        while let Some(part) = parts.next() {
+            conn.send(Msg::SignaturePart(pb::SignaturePart {
+                file_id,
+                data: part.to_vec(),
+                last: parts.peek().is_none(),
+            }))
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the replica side after `TransferBegin` was received and authorised.
 pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
@@ -463,8 +705,8 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     let owner = ctx.owner;
     let cached = if begin.full { None } else { state.local.take() };
     state.local = None;
-    let (root, plan, desired) =
-        tokio::task::block_in_place(|| -> Result<(Root, Plan, Manifest), TransferError> {
+    let (root, plan, desired, bases) =
+        tokio::task::block_in_place(|| -> Result<Planned, TransferError> {
             let root = Root::open(&ctx.root)?;
             let local = match cached {
                 Some(m) => m,
@@ -494,7 +736,19 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 ctx.filter.reconcile_target(&received, &local)
             };
             let plan = cd_core::plan::plan(&desired, &local, PlanOptions { owner });
-            Ok((root, plan, desired))
+            // What this replica holds at each path it fetches: a base for a delta.
+            let bases = plan
+                .fetch
+                .iter()
+                .map(|f| match local.get(&f.path).map(|e| &e.kind) {
+                    Some(EntryKind::File { hash, size, .. }) if *hash != f.hash => Some(Base {
+                        hash: *hash,
+                        size: *size,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            Ok((root, plan, desired, bases))
         })?;
     let mut stats = ReceiveStats {
         entries: desired.len() as u64,
@@ -507,10 +761,18 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         .fetch
         .iter()
         .enumerate()
-        .map(|(i, f)| pb::Need {
-            file_id: i as u32,
-            path: f.path.as_bytes().to_vec(),
-            hash: f.hash.to_vec(),
+        .map(|(i, f)| {
+            let (base_hash, base_size) = match bases[i] {
+                Some(b) => (b.hash.to_vec(), b.size),
+                None => (Vec::new(), 0),
+            };
+            pb::Need {
+                file_id: i as u32,
+                path: f.path.as_bytes().to_vec(),
+                hash: f.hash.to_vec(),
+                base_hash,
+                base_size,
+            }
         })
         .collect();
     // A need carries a path (up to 4 KiB) and a hash: 128 per chunk stays under CHUNK_BYTES.
@@ -531,10 +793,14 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         .await?;
     }
 
+    send_signatures(conn, &root, &plan, &bases).await?;
+
     let mut stage = tokio::task::block_in_place(|| fs::Stage::new(&root))?;
     // apply() fsyncs each staged file right before renaming it into place.
     stage.set_fsync(false);
     let mut open: Option<u32> = None;
+    // The patch being received for the open file, if it comes as a delta.
+    let mut patch: Option<(Vec<u8>, u64)> = None;
     let mut skipped = 0u64;
     loop {
         match conn.recv().await? {
@@ -544,7 +810,17 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                         "data for file {file_id}, which is not open"
                     )));
                 }
-                tokio::task::block_in_place(|| stage.write(file_id, &bytes))?;
+                match &mut patch {
+                    Some((buf, size)) => {
+                        if (buf.len() + bytes.len()) as u64 > *size {
+                            return Err(TransferError::Protocol(format!(
+                                "file {file_id}: more patch bytes than announced"
+                            )));
+                        }
+                        buf.extend_from_slice(&bytes);
+                    }
+                    None => tokio::task::block_in_place(|| stage.write(file_id, &bytes))?,
+                }
             }
             Incoming::Control(Msg::FileBegin(b)) => {
                 let f = plan.fetch.get(b.file_id as usize).ok_or_else(|| {
@@ -555,6 +831,25 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                         "FileBegin {} while file {prev} is open",
                         b.file_id
                     )));
+                }
+                patch = None;
+                if b.patch_size > 0 {
+                    let base = bases[b.file_id as usize];
+                    if base.map(|b| b.hash.to_vec()) != Some(b.base_hash.clone()) {
+                        return Err(TransferError::Protocol(format!(
+                            "file {}: a delta against a base this replica did not offer",
+                            b.file_id
+                        )));
+                    }
+                    if b.patch_size > delta::MAX_PATCH_BYTES {
+                        return Err(TransferError::Protocol(format!(
+                            "file {}: a patch of {} bytes (at most {} accepted)",
+                            b.file_id,
+                            b.patch_size,
+                            delta::MAX_PATCH_BYTES
+                        )));
+                    }
+                    patch = Some((Vec::new(), b.patch_size));
                 }
                 tokio::task::block_in_place(|| stage.begin(b.file_id, f.hash))?;
                 open = Some(b.file_id);
@@ -569,9 +864,30 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 let hash = cd_proto::convert::hash_from_bytes(&e.hash).map_err(|err| {
                     TransferError::Protocol(format!("FileEnd {}: {err}", e.file_id))
                 })?;
-                if let Err(err) =
+                let built = match patch.take() {
+                    Some((bytes, size)) if bytes.len() as u64 != size => {
+                        return Err(TransferError::Protocol(format!(
+                            "file {}: {} patch bytes, {size} announced",
+                            e.file_id,
+                            bytes.len()
+                        )));
+                    }
+                    Some((bytes, _)) => {
+                        let f = &plan.fetch[e.file_id as usize];
+                        let base = bases[e.file_id as usize].expect("checked at FileBegin");
+                        tokio::task::block_in_place(|| {
+                            delta::apply_patch(
+                                &root, &f.path, &bytes, base, &hash, &mut stage, e.file_id,
+                            )
+                        })
+                    }
+                    None => Ok(()),
+                };
+                let finished = built.map_err(|e| e.to_string()).and_then(|()| {
                     tokio::task::block_in_place(|| stage.finish(e.file_id, hash, e.size))
-                {
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(err) = finished {
                     // Corrupt content never reaches its final path; the file keeps its
                     // old version and the job reports the skip.
                     tracing::warn!(file_id = e.file_id, error = %err, "staged content rejected");
@@ -581,6 +897,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Incoming::Control(Msg::FileAbort(a)) => {
                 if open.take() == Some(a.file_id) {
+                    patch = None;
                     stage.abort_file(a.file_id);
                 }
                 if !a.retrying {

@@ -1214,3 +1214,106 @@ fn filters_hold_in_realtime_with_ebpf() {
 fn filters_hold_in_realtime_with_fanotify() {
     filters_hold(Some("realtime"), Some("fanotify"));
 }
+
+/// Rewrites `len` bytes of `data` at `at` with fresh noise.
+fn rewrite(data: &mut [u8], at: usize, len: usize, seed: u64) {
+    data[at..at + len].copy_from_slice(&noise(seed, len));
+}
+
+#[test]
+fn small_change_to_large_file_travels_as_broadcast_delta() {
+    const BIG: usize = 24 * MIB;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = start(tmp.path(), 4, 0);
+    let source = c.root(c.source()).unwrap();
+    let mut big = noise(5, BIG);
+    let unrelated = noise(6, 2 * MIB);
+    fs::write(source.join("big.bin"), &big).unwrap();
+    fs::write(source.join("other.bin"), &unrelated).unwrap();
+    fs::write(source.join("small.txt"), b"small\n").unwrap();
+    let r1 = sync_ok(&c);
+    for t in c.targets() {
+        assert_eq!(target_counter(&r1, &t, "delta_files"), 0, "{t}: {r1}");
+    }
+    assert_replicas_identical(&c);
+
+    // 1 MiB in the middle changes. The source never signed the version it sent whole,
+    // so each replica sends the signature of its copy: one exchange each.
+    rewrite(&mut big, BIG / 2, MIB, 50);
+    fs::write(source.join("big.bin"), &big).unwrap();
+    // A file replaced by unrelated content of the same size: a delta would not pay.
+    fs::write(source.join("other.bin"), noise(7, 2 * MIB)).unwrap();
+    let r2 = sync_ok(&c);
+    for t in c.targets() {
+        assert_eq!(target_counter(&r2, &t, "files_sent"), 2, "{t}: {r2}");
+        assert_eq!(target_counter(&r2, &t, "delta_files"), 1, "{t}: {r2}");
+        assert_eq!(
+            target_counter(&r2, &t, "signature_exchanges"),
+            2,
+            "{t}: {r2}"
+        );
+        let patch = target_counter(&r2, &t, "patch_bytes");
+        assert!(patch < 2 * MIB as u64, "{t}: patch of {patch} bytes: {r2}");
+        // The 1 MiB change (plus up to a block either side) and the 2 MiB whole file.
+        let wire = target_counter(&r2, &t, "wire_bytes");
+        assert!(wire < 5 * MIB as u64, "{t}: {wire} bytes on the wire: {r2}");
+    }
+    assert_replicas_identical(&c);
+
+    // The next change is made against the version the source distributed, whose
+    // signature it built while generating: no exchange, one patch for all replicas.
+    rewrite(&mut big, 1000, 4096, 51);
+    rewrite(&mut big, BIG - 10_000, 100, 52);
+    fs::write(source.join("big.bin"), &big).unwrap();
+    let r3 = sync_ok(&c);
+    for t in c.targets() {
+        assert_eq!(target_counter(&r3, &t, "delta_files"), 1, "{t}: {r3}");
+        assert_eq!(
+            target_counter(&r3, &t, "signature_exchanges"),
+            0,
+            "{t}: {r3}"
+        );
+        let wire = target_counter(&r3, &t, "wire_bytes");
+        assert!(wire < MIB as u64, "{t}: {wire} bytes on the wire: {r3}");
+    }
+    assert_replicas_identical(&c);
+
+    // A replica whose copy drifted (edited locally) is not patched blindly: its base
+    // differs from the cached signature's, so it gets its own exchange.
+    let drifted = c.targets()[0].clone();
+    let mut local = big.clone();
+    rewrite(&mut local, 3 * MIB, 10, 53);
+    fs::write(c.root(&drifted).unwrap().join("big.bin"), &local).unwrap();
+    rewrite(&mut big, 7 * MIB, 10, 54);
+    fs::write(source.join("big.bin"), &big).unwrap();
+    let r4 = sync_ok(&c);
+    for t in c.targets() {
+        assert_eq!(target_counter(&r4, &t, "delta_files"), 1, "{t}: {r4}");
+        let exchanges = if t == drifted { 1 } else { 0 };
+        assert_eq!(
+            target_counter(&r4, &t, "signature_exchanges"),
+            exchanges,
+            "{t}: {r4}"
+        );
+    }
+    assert_replicas_identical(&c);
+}
+
+#[test]
+fn delta_never_sends_whole_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(2, tmp.path(), &cdd(), &cdctl());
+    spec.set_lines.push("delta = \"never\"".into());
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    let source = c.root(c.source()).unwrap();
+    let mut big = noise(8, 4 * MIB);
+    fs::write(source.join("big.bin"), &big).unwrap();
+    sync_ok(&c);
+    rewrite(&mut big, MIB, 4096, 55);
+    fs::write(source.join("big.bin"), &big).unwrap();
+    let r = sync_ok(&c);
+    let t = &c.targets()[0];
+    assert_eq!(target_counter(&r, t, "delta_files"), 0, "{r}");
+    assert_eq!(target_counter(&r, t, "bytes_sent"), 4 * MIB as u64, "{r}");
+    assert_replicas_identical(&c);
+}

@@ -86,6 +86,7 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
 pub mod apply;
+pub mod base;
 pub mod index;
 pub mod read;
 pub mod scan;
@@ -96,6 +97,7 @@ mod sys;
 mod tests;
 
 pub use apply::{ApplyOptions, ApplyReport, apply};
+pub use base::BaseFile;
 pub use index::HashIndex;
 pub use read::{SendFile, SentFile};
 pub use scan::{ScanStats, SubtreeScan, scan, scan_subtree};
