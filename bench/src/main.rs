@@ -6,6 +6,8 @@
 //! - `suite` (`cargo xtask bench`): cdsync side by side with rsync, lsyncd, Syncthing and
 //!   Unison on the same seeded workloads, in network namespaces (see [`suite`]);
 //!   `trial` runs one tool through W1 and W2, for developing a tool's adapter.
+//! - `limits`: the machine's physical limits (file read, write+fsync, loopback TCP,
+//!   AES-GCM, BLAKE3, zstd), each alone (see [`limits`]).
 //! - `delta`: the delta engine of `cd_core::delta` on a large file (signature, search,
 //!   apply) beside rsync's delta transfer on the same files (see [`delta`]).
 //!
@@ -18,6 +20,7 @@ use anyhow::{Result, bail};
 
 mod args;
 mod delta;
+mod limits;
 mod procfs;
 mod realtime;
 mod suite;
@@ -51,6 +54,11 @@ benchmarks:
         --dir DIR  work in DIR (kept) instead of a temporary directory (needs about
                    4x BYTES of space)
         --no-rsync skip the rsync runs
+  limits [--size BYTES] [--dir DIR]
+        what this machine can do at most, each resource alone: warm file read,
+        write+fsync, loopback TCP (one stream), AES-128/256-GCM, BLAKE3 and zstd -3
+        per core; BYTES (default 1 GiB) per figure. The suite measures these too and
+        reads W1 against them.
   suite [--quick] [--runs N] [--tools a,b] [--workloads w1,w2,w3,w4,idle] [--dir DIR]
         [--json FILE]
         cdsync side by side with rsync (daemon, ssh), lsyncd, Syncthing and Unison
@@ -75,6 +83,7 @@ fn run() -> Result<()> {
         Some("trial") => suite::trial(&args[1..]),
         Some("suite") => suite::run::run(&suite::run::Args::parse(&args[1..])?).map(drop),
         Some("delta") => delta::run(&delta::Args::parse(&args[1..])?),
+        Some("limits") => limits::run(&limits::Args::parse(&args[1..])?),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -158,6 +158,8 @@ impl Record {
     }
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// Everything of one run.
 #[derive(Debug)]
 pub struct Report {
@@ -165,6 +167,8 @@ pub struct Report {
     records: Vec<Record>,
     versions: BTreeMap<String, String>,
     took: Duration,
+    /// This machine's physical limits, measured before the workloads.
+    limits: Option<crate::limits::Limits>,
 }
 
 /// First line of `program args` (stdout, else stderr), or why not.
@@ -208,7 +212,23 @@ impl Report {
                 .map(|t| (t.name().to_owned(), tool_version(t.name())))
                 .collect(),
             took: Duration::ZERO,
+            limits: None,
         }
+    }
+
+    pub fn set_limits(&mut self, l: crate::limits::Limits) {
+        self.limits = Some(l);
+    }
+
+    /// Throughput of an identical W1 record (data bytes per median second) and its
+    /// fraction of the machine's bound for a sync to one replica.
+    fn against_limits(&self, r: &Record) -> Option<(f64, f64)> {
+        let l = self.limits.as_ref()?;
+        if r.workload != "W1" || !r.identical() {
+            return None;
+        }
+        let t = r.data_bytes as f64 * r.replicas as f64 / secs(r.wall_median()?).max(1e-9);
+        Some((t, t / l.bound().1))
     }
 
     pub fn add(&mut self, r: Record) {
@@ -280,6 +300,8 @@ impl Report {
                     "best_peer": best,
                     "ratio_to_best_peer": ratios.get(r.main_figure()),
                     "ratios_to_best_peer": ratios,
+                    "w1_mib_s": self.against_limits(r).map(|(t, _)| t / MIB),
+                    "w1_fraction_of_bound": self.against_limits(r).map(|(_, f)| f),
                     "errors": r.errors,
                     "differences": r.samples.iter().flat_map(|s| s.diffs.iter().take(5)).collect::<Vec<_>>(),
                 })
@@ -290,6 +312,7 @@ impl Report {
             "took_s": secs(self.took),
             "machine": machine(),
             "versions": self.versions,
+            "limits": self.limits.as_ref().map(crate::limits::Limits::json),
             "records": recs,
         })
     }
@@ -402,6 +425,32 @@ impl Report {
                     if let Some(d) = s.diffs.first() {
                         let _ = writeln!(out, "  ! {}: {} ({} missing)", r.tool, d, s.missing);
                     }
+                }
+            }
+        }
+        if let Some(l) = &self.limits {
+            let (name, bound) = l.bound();
+            let _ = writeln!(
+                out,
+                "\nW1 against this machine's limits (measured alone, {} each; a sync to \
+                 one replica here cannot beat {name}: {:.0} MiB/s; to N replicas, N times \
+                 the bytes share it)",
+                cd_testkit::human_bytes(l.bytes),
+                bound / MIB
+            );
+            for line in l.render().lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+            for r in &self.records {
+                if let Some((t, f)) = self.against_limits(r) {
+                    let _ = writeln!(
+                        out,
+                        "  {:<12} W1 -> {}: {:>6.0} MiB/s written to replicas, {:>5.1} % of the bound",
+                        r.tool,
+                        r.replicas,
+                        t / MIB,
+                        f * 100.0
+                    );
                 }
             }
         }

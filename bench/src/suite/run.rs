@@ -43,6 +43,8 @@ pub struct Scale {
     pub limit: Duration,
     /// The same for W2's small change.
     pub limit_incremental: Duration,
+    /// Bytes per figure of the physical limits measured first ([`crate::limits`]).
+    pub limits_bytes: u64,
 }
 
 impl Scale {
@@ -75,6 +77,7 @@ impl Scale {
             idle: Duration::from_secs(10),
             limit: Duration::from_secs(300),
             limit_incremental: Duration::from_secs(120),
+            limits_bytes: 1 << 30,
         }
     }
 
@@ -107,6 +110,7 @@ impl Scale {
             idle: Duration::from_secs(10),
             limit: Duration::from_secs(120),
             limit_incremental: Duration::from_secs(60),
+            limits_bytes: 256 << 20,
         }
     }
 
@@ -140,6 +144,7 @@ impl Scale {
             idle: Duration::from_secs(1),
             limit: Duration::from_secs(120),
             limit_incremental: Duration::from_secs(60),
+            limits_bytes: 4 << 20,
         }
     }
 }
@@ -249,6 +254,11 @@ pub fn run_tools(args: &Args, mut tools: Vec<Box<dyn Tool>>) -> Result<Report> {
     let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
     let net = Net::create(args.prefix, &host_refs)?;
     let mut report = Report::new(sc.name, &tools);
+    eprintln!("bench: measuring this machine's physical limits");
+    report.set_limits(crate::limits::measure(
+        &dir.join("limits"),
+        sc.limits_bytes,
+    )?);
     let started = Instant::now();
 
     if args.wants("w1") || args.wants("w2") {
@@ -568,8 +578,22 @@ mod smoke {
         let lat = find("cdsync-live", "W3-latency");
         assert_eq!(lat["latency_samples"], 3);
         assert!(lat["p99_ms"].as_f64().unwrap() >= lat["p50_ms"].as_f64().unwrap());
+        // W1 is read against the limits measured on this machine, except where the
+        // replicas are not identical.
+        assert!(
+            json["limits"]["bound_mib_s"].as_f64().unwrap() > 0.0,
+            "{json:#}"
+        );
+        assert!(
+            find("cdsync", "W1")["w1_fraction_of_bound"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+        assert!(find("saboteur", "W1")["w1_fraction_of_bound"].is_null());
         let table = report.render();
         assert!(table.contains("W4 fan-out"), "{table}");
+        assert!(table.contains("% of the bound"), "{table}");
         assert!(
             table.contains("NO"),
             "the saboteur must show as not identical:\n{table}"
