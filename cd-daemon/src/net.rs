@@ -94,6 +94,72 @@ pub struct Conn<S> {
     /// Bytes of data frames sent and received, after compression (wire size).
     pub data_wire_out: u64,
     pub data_wire_in: u64,
+    zstd: Zstd,
+}
+
+/// Compression state of one direction of a connection: contexts made once (a zstd
+/// context allocates and clears its tables when made: per chunk, that cost more than
+/// compressing), and what was learnt about the file being sent.
+#[derive(Default)]
+struct Zstd {
+    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    out: Vec<u8>,
+    /// The file whose last chunk did not compress, and how many of its next chunks
+    /// go raw without trying (random data, images: compression only costs CPU).
+    incompressible: Option<(u32, u32)>,
+}
+
+/// Chunks of a file that go raw after one that did not shrink, before trying again.
+const SKIP_AFTER_INCOMPRESSIBLE: u32 = 7;
+/// A chunk "does not compress" unless it shrinks below this fraction (in 1/64).
+const COMPRESSIBLE_64THS: usize = 62;
+
+impl Zstd {
+    /// Compresses `raw` at `level` if that pays (see [`Conn::send_data`]); the result
+    /// is in `self.out`.
+    fn compress(&mut self, file_id: u32, raw: &[u8], level: i32) -> bool {
+        if level <= 0 || raw.len() < 64 {
+            return false;
+        }
+        if let Some((id, left)) = &mut self.incompressible
+            && *id == file_id
+            && *left > 0
+        {
+            *left -= 1;
+            return false;
+        }
+        if self.compressor.as_ref().is_none_or(|(l, _)| *l != level) {
+            match zstd::bulk::Compressor::new(level) {
+                Ok(c) => self.compressor = Some((level, c)),
+                Err(_) => return false,
+            }
+        }
+        let Some((_, c)) = self.compressor.as_mut() else {
+            return false;
+        };
+        // Room for a result worth sending only: a bigger one fails and goes raw.
+        let room = raw.len() * COMPRESSIBLE_64THS / 64;
+        self.out.clear();
+        self.out.reserve(room);
+        let ok = c.compress_to_buffer(raw, &mut self.out).is_ok() && self.out.len() <= room;
+        self.incompressible = if ok {
+            None
+        } else {
+            Some((file_id, SKIP_AFTER_INCOMPRESSIBLE))
+        };
+        ok
+    }
+
+    fn decompress(&mut self, body: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+        if self.decompressor.is_none() {
+            self.decompressor = Some(zstd::bulk::Decompressor::new()?);
+        }
+        self.decompressor
+            .as_mut()
+            .expect("made above")
+            .decompress(body, raw_len)
+    }
 }
 
 impl<S> std::fmt::Debug for Conn<S> {
@@ -111,6 +177,7 @@ impl<S> Conn<S> {
             max_control: MAX_CONTROL_AUTHENTICATED,
             data_wire_out: 0,
             data_wire_in: 0,
+            zstd: Zstd::default(),
         }
     }
 
@@ -158,7 +225,9 @@ impl<S: AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Sends one chunk of file `file_id`, compressed with `zstd_level` (0 = none) when
-    /// that makes it smaller. Returns the bytes put on the wire.
+    /// that makes it smaller by at least 1/32; after a chunk that does not, the next
+    /// few chunks of the same file go raw without trying. Returns the bytes put on the
+    /// wire.
     pub async fn send_data(
         &mut self,
         file_id: u32,
@@ -166,21 +235,10 @@ impl<S: AsyncWrite + Unpin> Conn<S> {
         zstd_level: i32,
     ) -> Result<u64, NetError> {
         let crc = crc32fast::hash(raw);
-        let compressed = if zstd_level > 0 {
-            zstd::bulk::compress(raw, zstd_level)
-                .ok()
-                .filter(|c| c.len() < raw.len())
-        } else {
-            None
-        };
-        let body: &[u8] = compressed.as_deref().unwrap_or(raw);
-        let header = frame::encode_data_header(
-            file_id,
-            crc,
-            raw.len() as u32,
-            compressed.is_some(),
-            body.len(),
-        );
+        let compressed = self.zstd.compress(file_id, raw, zstd_level);
+        let body: &[u8] = if compressed { &self.zstd.out } else { raw };
+        let header =
+            frame::encode_data_header(file_id, crc, raw.len() as u32, compressed, body.len());
         self.stream
             .write_all(&header)
             .await
@@ -270,12 +328,13 @@ impl<S: AsyncRead + Unpin> Conn<S> {
                 self.data_wire_in += (frame::HEADER_LEN + body.len()) as u64;
                 let chunk = frame::decode_data(&header, &body)?;
                 let bytes = if chunk.compressed {
-                    let out = zstd::bulk::decompress(chunk.body, chunk.raw_len as usize).map_err(
-                        |e| NetError::BadData {
+                    let out = self
+                        .zstd
+                        .decompress(chunk.body, chunk.raw_len as usize)
+                        .map_err(|e| NetError::BadData {
                             file_id: chunk.file_id,
                             reason: format!("zstd: {e}"),
-                        },
-                    )?;
+                        })?;
                     if out.len() != chunk.raw_len as usize {
                         return Err(NetError::BadData {
                             file_id: chunk.file_id,
@@ -471,5 +530,62 @@ pub fn hello(name: &str, purpose: pb::hello::Purpose) -> pb::Hello {
         node_name: name.to_owned(),
         software_version: cd_proto::SOFTWARE_VERSION.to_owned(),
         purpose: purpose as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn data_is_compressed_only_where_it_pays() {
+        let (a, b) = tokio::io::duplex(64 << 20);
+        let (mut tx, mut rx) = (Conn::new(a), Conn::new(b));
+        let text = b"<p>the same words again and again</p>\n".repeat(3000);
+        let noise = random(9, 100_000);
+        let mut sent = Vec::new();
+        // File 1: text, compressed. File 2: noise, then text that is not tried for
+        // the next chunks, then tried again. File 3: text again, compressed at once.
+        let plan: Vec<(u32, &[u8])> = std::iter::once((1, &text[..]))
+            .chain(std::iter::once((2, &noise[..])))
+            .chain((0..SKIP_AFTER_INCOMPRESSIBLE).map(|_| (2, &text[..])))
+            .chain([(2, &text[..]), (3, &text[..])])
+            .collect();
+        for (id, raw) in &plan {
+            let wire = tx.send_data(*id, raw, 3).await.unwrap();
+            sent.push(wire);
+        }
+        let hdr = (frame::HEADER_LEN + frame::DATA_PREFIX_LEN) as u64;
+        let raw_cost = |raw: &[u8]| raw.len() as u64 + hdr;
+        assert!(sent[0] < raw_cost(&text) / 10, "text compressed: {sent:?}");
+        assert_eq!(sent[1], raw_cost(&noise), "noise goes raw");
+        for w in &sent[2..2 + SKIP_AFTER_INCOMPRESSIBLE as usize] {
+            assert_eq!(*w, raw_cost(&text), "not tried after noise: {sent:?}");
+        }
+        let n = plan.len();
+        assert!(sent[n - 2] < raw_cost(&text) / 10, "tried again: {sent:?}");
+        assert!(sent[n - 1] < raw_cost(&text) / 10, "another file: {sent:?}");
+        for (id, raw) in &plan {
+            match rx.recv().await.unwrap() {
+                Incoming::Data { file_id, bytes } => {
+                    assert_eq!(file_id, *id);
+                    assert_eq!(&bytes[..], *raw);
+                }
+                Incoming::Control(m) => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(rx.data_wire_in, sent.iter().sum::<u64>());
     }
 }
