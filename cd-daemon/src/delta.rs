@@ -31,6 +31,7 @@
 //! ([`MAX_PATCH_BYTES`], [`MAX_SIGNATURE_BYTES`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cd_core::delta::{
@@ -112,6 +113,9 @@ pub struct Base {
 pub struct DeltaCache {
     sigs: Mutex<Lru<Hash, Arc<Signature>>>,
     patches: Mutex<Lru<PatchKey, Arc<OnceCell<Outcome>>>>,
+    /// Patches generated, and patches sent again from the memo (the broadcast).
+    generated: AtomicU64,
+    reused: AtomicU64,
 }
 
 impl DeltaCache {
@@ -119,7 +123,19 @@ impl DeltaCache {
         Self {
             sigs: Mutex::new(Lru::new(SIGNATURE_CACHE_BYTES)),
             patches: Mutex::new(Lru::new(PATCH_MEMO_BYTES)),
+            ..Self::default()
         }
+    }
+
+    /// For `cdctl status`.
+    pub fn status(&self) -> serde_json::Value {
+        let sigs = self.sigs.lock().unwrap();
+        serde_json::json!({
+            "signatures_cached": sigs.map.len(),
+            "signature_cache_bytes": sigs.cost,
+            "patches_generated": self.generated.load(Ordering::Relaxed),
+            "patches_reused": self.reused.load(Ordering::Relaxed),
+        })
     }
 
     /// The signature of the version with content hash `hash`, if cached.
@@ -159,8 +175,10 @@ impl DeltaCache {
                 }
             }
         };
+        let mut made = false;
         let out = cell
             .get_or_try_init(|| async {
+                made = true;
                 let (outcome, target_sig) =
                     tokio::task::block_in_place(|| generate(root, path, sig, want, policy))?;
                 if let Some(s) = target_sig {
@@ -173,6 +191,8 @@ impl DeltaCache {
             Ok(o) => {
                 let r = match o {
                     Outcome::Patch(g) => {
+                        let counter = if made { &self.generated } else { &self.reused };
+                        counter.fetch_add(1, Ordering::Relaxed);
                         let cost = g.patch.len();
                         self.patches.lock().unwrap().set_cost(&key, cost);
                         Outcome::Patch(g.clone())

@@ -309,6 +309,7 @@ impl Node {
             "content_sets": sets,
             "errors": *self.errors.lock().unwrap(),
             "capture": self.capture.lock().unwrap().as_ref().map(|c| c.status()),
+            "delta": self.delta_cache.status(),
         })
     }
 
