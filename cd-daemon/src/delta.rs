@@ -56,6 +56,8 @@ pub const SIGNATURE_PART_BYTES: usize = 1 << 20;
 pub const SIGNATURE_CACHE_BYTES: usize = 64 << 20;
 /// Patches the source keeps for replicas that come later in the same round.
 pub const PATCH_MEMO_BYTES: usize = 256 << 20;
+/// Entries the signature cache and the patch memo keep at most, whatever their size.
+const MAX_ENTRIES: usize = 4096;
 /// Read size while generating, signing and applying.
 const IO_CHUNK: usize = 1 << 20;
 
@@ -384,6 +386,8 @@ struct Lru<K, V> {
     map: HashMap<K, (V, usize, u64)>,
     cost: usize,
     max_cost: usize,
+    /// Entries kept at most, whatever their cost (some cost nothing).
+    max_len: usize,
     tick: u64,
 }
 
@@ -393,6 +397,7 @@ impl<K, V> Default for Lru<K, V> {
             map: HashMap::new(),
             cost: 0,
             max_cost: 0,
+            max_len: MAX_ENTRIES,
             tick: 0,
         }
     }
@@ -437,9 +442,9 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Lru<K, V> {
         }
     }
 
-    /// Drops the least recently used entries (never `keep`) until under the bound.
+    /// Drops the least recently used entries (never `keep`) until under the bounds.
     fn evict(&mut self, keep: &K) {
-        while self.cost > self.max_cost {
+        while self.cost > self.max_cost || self.map.len() > self.max_len {
             let Some(oldest) = self
                 .map
                 .iter()
@@ -707,5 +712,13 @@ mod tests {
         // An entry larger than the bound is kept alone rather than dropped at once.
         l.insert(4, 4, 50);
         assert_eq!((l.get(&3), l.get(&4), l.cost), (None, Some(4), 50));
+        // Entries that cost nothing are bounded in number.
+        let mut l: Lru<u32, u32> = Lru::new(10);
+        l.max_len = 3;
+        for i in 0..10 {
+            l.insert(i, i, 0);
+        }
+        assert_eq!(l.map.len(), 3);
+        assert_eq!((l.get(&9), l.get(&6)), (Some(9), None));
     }
 }
