@@ -12,6 +12,7 @@
 pub mod config;
 pub mod control;
 pub mod fs;
+pub mod link;
 pub mod master;
 pub mod net;
 pub mod node;
