@@ -18,6 +18,7 @@ pub mod net;
 pub mod node;
 pub mod pki;
 pub mod realtime;
+pub mod sendfile;
 pub mod shipped;
 pub mod transfer;
 pub mod watch;

@@ -163,6 +163,8 @@ impl Node {
             std::env::var(link::ENV_KTLS).ok().as_deref(),
             ncfg.trusted_peers.clone(),
         );
+        // Before any file is sent under a lease (see fs::snapshot).
+        fs::snapshot::init_lease_signal();
         let data_addr = listener.local_addr()?;
         let sets = ncfg
             .content_sets
