@@ -265,15 +265,17 @@ pub struct Policy {
     /// Peers this node accepts plaintext transfers from (`*` = any authenticated
     /// cluster member).
     pub trusted_peers: Vec<String>,
-    /// What the kernel offers (`None`: not probed because kernel TLS is disabled).
+    /// What the kernel offers (probed even when disabled, for `status`; `None` only
+    /// in tests).
     pub support: Option<KtlsSupport>,
 }
 
 impl Policy {
-    /// From the node's configuration and the environment; probes the kernel unless
-    /// kernel TLS is disabled.
+    /// From the node's configuration and the environment; probes the kernel (once per
+    /// process, logged).
     pub fn new(ktls_config: bool, env: Option<&str>, trusted_peers: Vec<String>) -> Policy {
         let ktls = ktls_config && !env_disables(env);
+        let support = probed().clone();
         if !ktls {
             tracing::info!(
                 config = ktls_config,
@@ -284,7 +286,7 @@ impl Policy {
         Policy {
             ktls,
             trusted_peers,
-            support: ktls.then(|| probed().clone()),
+            support: Some(support),
         }
     }
 
@@ -528,6 +530,7 @@ pub fn establish(
         stats: LinkStats::new(LinkPath::Ktls, Some(cipher), None),
         rbuf: Vec::new(),
         rpos: 0,
+        rlen: 0,
         eof: false,
         close_sent: false,
     }))
@@ -612,9 +615,11 @@ fn poll_write_sock(
 pub struct KtlsStream {
     sock: Arc<TcpStream>,
     stats: Arc<LinkStats>,
-    /// Records read for small reads (a frame header) land here first.
+    /// Records read for small reads (a frame header) land here first; `rbuf[rpos..rlen]`
+    /// is what the caller has not taken yet. Allocated at the first small read.
     rbuf: Vec<u8>,
     rpos: usize,
+    rlen: usize,
     /// `close_notify` (or the end of the TCP stream) was received.
     eof: bool,
     close_sent: bool,
@@ -669,8 +674,8 @@ impl AsyncRead for KtlsStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.rpos < this.rbuf.len() {
-                let n = buf.remaining().min(this.rbuf.len() - this.rpos);
+            if this.rpos < this.rlen {
+                let n = buf.remaining().min(this.rlen - this.rpos);
                 buf.put_slice(&this.rbuf[this.rpos..this.rpos + n]);
                 this.rpos += n;
                 return Poll::Ready(Ok(()));
@@ -683,6 +688,9 @@ impl AsyncRead for KtlsStream {
             // (a frame header) through our own, which holds a whole record, so that a
             // control record is never cut short.
             let direct = buf.remaining() > MAX_RECORD_PLAINTEXT;
+            if !direct && this.rbuf.is_empty() {
+                this.rbuf = vec![0; MAX_RECORD_PLAINTEXT + 256];
+            }
             let sock = &this.sock;
             let rbuf = &mut this.rbuf;
             let r = sock.try_io(Interest::READABLE, || {
@@ -690,7 +698,6 @@ impl AsyncRead for KtlsStream {
                 if direct {
                     sys::recv_record(fd, buf.initialize_unfilled())
                 } else {
-                    rbuf.resize(MAX_RECORD_PLAINTEXT + 256, 0);
                     sys::recv_record(fd, rbuf)
                 }
             });
@@ -703,7 +710,6 @@ impl AsyncRead for KtlsStream {
                 // The TCP stream ended without close_notify: the reader sees the end and
                 // the frame layer reports a truncated frame if it was inside one.
                 this.eof = true;
-                this.rbuf.clear();
                 continue;
             }
             if record_type == CT_APPLICATION_DATA {
@@ -711,8 +717,8 @@ impl AsyncRead for KtlsStream {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                this.rbuf.truncate(n);
                 this.rpos = 0;
+                this.rlen = n;
                 continue;
             }
             let body = if direct {
@@ -720,10 +726,7 @@ impl AsyncRead for KtlsStream {
             } else {
                 &this.rbuf[..n]
             };
-            let close = control_record(record_type, body);
-            this.rbuf.clear();
-            this.rpos = 0;
-            match close {
+            match control_record(record_type, body) {
                 Ok(true) => this.eof = true,
                 Ok(false) => {}
                 Err(e) => return Poll::Ready(Err(e)),
@@ -992,7 +995,8 @@ mod tests {
         assert!(!env_disables(None));
         let p = Policy::new(true, Some("off"), vec![]);
         assert!(!p.ktls);
-        assert!(p.support.is_none());
+        // Probed all the same, for status.
+        assert!(p.support.is_some());
         let p = Policy::new(false, None, vec![]);
         assert!(!p.ktls);
     }
