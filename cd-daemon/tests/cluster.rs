@@ -693,7 +693,8 @@ fn ktls_disabled_by_config_or_environment() {
     for node in ["node1", "node2", "node3"] {
         let k = &c.status(node).unwrap()["node"]["transport"]["ktls"];
         assert_eq!(k["enabled"], false, "{node}: {k}");
-        assert_eq!(k["probe"], Value::Null, "{node}: {k}");
+        // Probed all the same: status says whether it could be used.
+        assert!(k["probe"]["available"].is_boolean(), "{node}: {k}");
     }
     for (peer, l) in source_links(&c) {
         assert_eq!(l["path"], "rustls", "{peer}: {l}");

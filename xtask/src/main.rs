@@ -276,8 +276,20 @@ fn guest() -> Result<()> {
         None
     };
     let work = workspace_root().join("target/vm");
+    // `CD_GUEST_ONLY=ktls`: boot only for the named test binaries (comma-separated).
+    let only = std::env::var("CD_GUEST_ONLY").ok();
     for (test, exe) in &exes {
         let name = test.name;
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|n| n == name))
+        {
+            eprintln!(
+                "guest: skipping `{name}` (CD_GUEST_ONLY={})",
+                only.as_deref().unwrap_or("")
+            );
+            continue;
+        }
         let guest_path = format!("/bin/{name}");
         // The guest's tmpfs lives in its RAM and its CPU is emulated: a 20,000-file
         // burst there (the 200,000-file one runs on the host, in `privileged`).
