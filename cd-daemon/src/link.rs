@@ -61,14 +61,15 @@
 //!
 //! Kernel TLS before 6.14 cannot update keys, and AES-GCM must not protect more than
 //! about 2^24.5 full records under one key (RFC 8446, 5.5). A kernel-TLS link therefore
-//! counts the records it may have sent (an upper bound: each write or `sendfile` call
-//! is charged `len / 16 KiB + 1`) and refuses to send once [`KTLS_RECORD_BUDGET`]
-//! (2^23 records, 8 to 128 GiB depending on record size, well below the limit) would
-//! be exceeded. The transfer then fails with an error saying so; the node remembers the
-//! peer and uses rustls (which rekeys by itself) for its next connection to it. The
-//! same bound is applied to ChaCha20-Poly1305, whose limit is far higher, for
-//! simplicity. A rustls peer sending to a kernel-TLS receiver rekeys after 2^24 AES-GCM
-//! records; the receiver then fails with the clear `KeyUpdate` error above, and the
+//! counts the records it may have sent (an upper bound: each successful write or
+//! `sendfile` of `n` bytes counts `n / 16 KiB + 1`) and refuses to send once
+//! [`KTLS_RECORD_BUDGET`] (2^23 records: 128 GiB of full records, less with small ones;
+//! well below the limit) would be exceeded. The transfer then fails with an error
+//! saying so; the node remembers the peer and uses rustls (which rekeys by itself) for
+//! its next connection to it. The same bound is applied to ChaCha20-Poly1305, whose
+//! limit is far higher, for simplicity. A rustls peer sending to a kernel-TLS receiver
+//! rekeys at its own confidentiality limit (2^23 or 2^24 AES-GCM records with the ring
+//! provider); the receiver then fails with the clear `KeyUpdate` error above, and the
 //! next round reconnects.
 
 mod sys;
@@ -345,23 +346,32 @@ impl LinkStats {
         })
     }
 
-    /// Reserves the records a write of `len` bytes may produce, or fails when the budget
-    /// would be exceeded.
-    fn charge(&self, len: usize) -> io::Result<()> {
-        if self.path != LinkPath::Ktls {
+    /// The records a write of `len` bytes may produce: at most one per full 16 KiB,
+    /// plus one it may close (a record left open by `MSG_MORE` was charged already).
+    fn cost(len: usize) -> u64 {
+        (len / MAX_RECORD_PLAINTEXT) as u64 + 1
+    }
+
+    /// Fails when a write of `len` bytes might exceed the record budget (kernel TLS only).
+    fn check(&self, len: usize) -> io::Result<()> {
+        if self.path != LinkPath::Ktls
+            || self.records.load(Ordering::Relaxed) + Self::cost(len) <= KTLS_RECORD_BUDGET
+        {
             return Ok(());
         }
-        let cost = (len / MAX_RECORD_PLAINTEXT) as u64 + 1;
-        let before = self.records.fetch_add(cost, Ordering::Relaxed);
-        if before + cost > KTLS_RECORD_BUDGET {
-            self.budget_exhausted.store(true, Ordering::Relaxed);
-            return Err(io::Error::other(format!(
-                "kernel TLS: this connection used its budget of {KTLS_RECORD_BUDGET} records \
-                 under one key, and this kernel cannot rekey; the next connection to this \
-                 peer uses rustls"
-            )));
+        self.budget_exhausted.store(true, Ordering::Relaxed);
+        Err(io::Error::other(format!(
+            "kernel TLS: this connection used its budget of {KTLS_RECORD_BUDGET} records \
+             under one key, and this kernel cannot rekey; the next connection to this \
+             peer uses rustls"
+        )))
+    }
+
+    /// Counts a write of `n` bytes that went out.
+    fn count(&self, n: usize) {
+        if self.path == LinkPath::Ktls {
+            self.records.fetch_add(Self::cost(n), Ordering::Relaxed);
         }
-        Ok(())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -601,6 +611,7 @@ fn poll_write_sock(
         ready!(sock.poll_write_ready(cx))?;
         match sock.try_write(buf) {
             Ok(n) => {
+                stats.count(n);
                 stats.bytes_write.fetch_add(n as u64, Ordering::Relaxed);
                 return Poll::Ready(Ok(n));
             }
@@ -742,7 +753,7 @@ impl AsyncWrite for KtlsStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.stats.charge(buf.len())?;
+        this.stats.check(buf.len())?;
         poll_write_sock(&this.sock, &this.stats, cx, buf)
     }
 
@@ -759,7 +770,10 @@ impl AsyncWrite for KtlsStream {
             match sock.try_io(Interest::WRITABLE, || {
                 sys::send_record(sock.as_fd(), CT_ALERT, &[1, 0])
             }) {
-                Ok(_) => this.close_sent = true,
+                Ok(_) => {
+                    this.stats.count(2);
+                    this.close_sent = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -887,7 +901,7 @@ impl ZeroCopy {
     /// TLS record, on kernel TLS) until what follows is written.
     pub async fn send_more(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
-            self.stats.charge(bytes.len())?;
+            self.stats.check(bytes.len())?;
             self.sock.writable().await?;
             let sock = &self.sock;
             match sock.try_io(Interest::WRITABLE, || {
@@ -901,6 +915,7 @@ impl ZeroCopy {
                 .map_err(io::Error::from)
             }) {
                 Ok(n) => {
+                    self.stats.count(n);
                     self.stats
                         .bytes_write
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -919,7 +934,7 @@ impl ZeroCopy {
         let mut off = offset;
         let mut left = len;
         while left > 0 {
-            self.stats.charge(left)?;
+            self.stats.check(left)?;
             self.sock.writable().await?;
             let sock = &self.sock;
             // The page cache may have to be filled from disk: a blocking call.
@@ -937,6 +952,7 @@ impl ZeroCopy {
                     ));
                 }
                 Ok(n) => {
+                    self.stats.count(n);
                     self.stats
                         .bytes_sendfile
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -1073,15 +1089,20 @@ mod tests {
     #[test]
     fn record_budget() {
         let s = LinkStats::new(LinkPath::Ktls, Some(Cipher::Aes256Gcm), None);
+        s.count(3 * MAX_RECORD_PLAINTEXT + 5);
+        assert_eq!(s.records.load(Ordering::Relaxed), 4);
         s.records.store(KTLS_RECORD_BUDGET - 2, Ordering::Relaxed);
-        s.charge(100).unwrap();
+        s.check(100).unwrap();
+        s.check(MAX_RECORD_PLAINTEXT).unwrap();
         assert!(!s.budget_exhausted.load(Ordering::Relaxed));
-        let e = s.charge(MAX_RECORD_PLAINTEXT).unwrap_err();
+        let e = s.check(2 * MAX_RECORD_PLAINTEXT).unwrap_err();
         assert!(e.to_string().contains("budget"), "{e}");
         assert!(s.budget_exhausted.load(Ordering::Relaxed));
-        // Other paths are not limited.
+        // Other paths are neither limited nor counted.
         let s = LinkStats::new(LinkPath::Rustls, None, None);
+        s.count(1 << 30);
+        assert_eq!(s.records.load(Ordering::Relaxed), 0);
         s.records.store(u64::MAX / 2, Ordering::Relaxed);
-        s.charge(1 << 30).unwrap();
+        s.check(1 << 30).unwrap();
     }
 }
