@@ -57,12 +57,17 @@ pub struct MasterContentSet {
     pub name: String,
     pub source: String,
     pub targets: Vec<String>,
+    /// 0 = no compression (file data can then go out with `sendfile`).
     pub zstd_level: i32,
     /// 0 = unlimited.
     pub max_rate_bytes_per_sec: u64,
     /// `delta = "auto"` (default: a delta against the replica's version where it
     /// pays) or `"never"` (whole files only, "dump copy").
     pub delta: DeltaMode,
+    /// `encryption = false`: the source asks its targets to drop TLS after the
+    /// authenticated handshake; a target does so only for a source it lists in its
+    /// `trusted_peers`.
+    pub encryption: bool,
     pub mode: SyncMode,
     /// `include`, `exclude` and `commands`: what the set syncs and which changes it
     /// may make on its replicas (everything when none is given).
@@ -114,6 +119,12 @@ pub struct NodeConfig {
     pub debounce_ms: u64,
     /// Size of the eBPF ring buffer (the File Detect Buffer).
     pub ring_buffer_mib: u32,
+    /// Hand the TLS record layer of transfers to the kernel where it has TLS (default
+    /// true; the environment variable `CDD_KTLS=off` also turns it off).
+    pub ktls: bool,
+    /// Sources this node accepts plaintext transfers from (content sets with
+    /// `encryption = false`); `"*"` = any cluster member. Default: none.
+    pub trusted_peers: Vec<String>,
 }
 
 /// A content set as a node sees it: where its root is on this machine.
@@ -168,6 +179,7 @@ struct RawMasterSet {
     zstd_level: Option<Spanned<i64>>,
     max_rate_bytes_per_sec: Option<Spanned<i64>>,
     delta: Option<Spanned<String>>,
+    encryption: Option<bool>,
     mode: Option<Spanned<String>>,
     include: Option<Vec<Spanned<String>>>,
     exclude: Option<Vec<Spanned<String>>>,
@@ -198,6 +210,8 @@ struct RawNode {
     capture: Option<Spanned<String>>,
     debounce_ms: Option<Spanned<i64>>,
     ring_buffer_mib: Option<Spanned<i64>>,
+    ktls: Option<bool>,
+    trusted_peers: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     content_sets: Vec<RawNodeSet>,
 }
@@ -300,11 +314,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 }
                 let zstd_level = match &s.zstd_level {
                     None => 3,
-                    Some(l) if (1..=19).contains(l.get_ref()) => *l.get_ref() as i32,
+                    Some(l) if (0..=19).contains(l.get_ref()) => *l.get_ref() as i32,
                     Some(l) => {
                         return Err(err(
                             l.span(),
-                            format!("zstd_level {} is out of range 1..=19", l.get_ref()),
+                            format!(
+                                "zstd_level {} is out of range 0..=19 (0 = no compression)",
+                                l.get_ref()
+                            ),
                         ));
                     }
                 };
@@ -368,6 +385,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     zstd_level,
                     max_rate_bytes_per_sec,
                     delta,
+                    encryption: s.encryption.unwrap_or(true),
                     mode,
                     filter: Filter::new(include, exclude, commands),
                 });
@@ -474,6 +492,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     ));
                 }
             };
+            let mut trusted_peers = Vec::new();
+            for t in n.trusted_peers.iter().flatten() {
+                if t.get_ref() != "*" {
+                    check_name(t.get_ref())
+                        .map_err(|r| err(t.span(), format!("trusted_peers: {r} (or \"*\")")))?;
+                }
+                trusted_peers.push(t.get_ref().clone());
+            }
             Some(NodeConfig {
                 master_addr: n.master_addr.get_ref().clone(),
                 master_name: n.master_name.get_ref().clone(),
@@ -483,6 +509,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 capture,
                 debounce_ms,
                 ring_buffer_mib,
+                ktls: n.ktls.unwrap_or(true),
+                trusted_peers,
             })
         }
     };
@@ -782,6 +810,45 @@ root = "/srv/www"
             assert_eq!(e.line, 10, "{e}");
             assert!(e.reason.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn transport_options() {
+        let n = p(GOOD).unwrap().node.unwrap();
+        assert!(n.ktls);
+        assert!(n.trusted_peers.is_empty());
+        let with = |extra: &str| {
+            p(&GOOD.replace(
+                "join_token = \"cdj1.x\"",
+                &format!("join_token = \"cdj1.x\"\n{extra}"),
+            ))
+        };
+        let n = with("ktls = false\ntrusted_peers = [\"node-a\", \"*\"]")
+            .unwrap()
+            .node
+            .unwrap();
+        assert!(!n.ktls);
+        assert_eq!(n.trusted_peers, ["node-a", "*"]);
+        for (extra, why) in [
+            ("ktls = \"no\"", "invalid type"),
+            ("trusted_peers = [\"Node_A\"]", "trusted_peers"),
+            ("trusted_peer = [\"node-a\"]", "unknown field"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!(e.line, 10, "{extra}: {e}");
+            assert!(e.reason.contains(why), "{extra}: {e}");
+        }
+        // Per content set on the master: encryption (default on) and zstd_level 0.
+        let c = p(MASTER_SET).unwrap();
+        assert!(c.master.unwrap().content_sets[0].encryption);
+        let c = p(&format!("{MASTER_SET}encryption = false\nzstd_level = 0\n")).unwrap();
+        let set = &c.master.unwrap().content_sets[0];
+        assert!(!set.encryption);
+        assert_eq!(set.zstd_level, 0);
+        let e = p(&format!("{MASTER_SET}encryption = 0\n")).unwrap_err();
+        assert_eq!(e.line, 11, "{e}");
+        let e = p(&format!("{MASTER_SET}zstd_level = -1\n")).unwrap_err();
+        assert!(e.reason.contains("0..=19"), "{e}");
     }
 
     #[test]

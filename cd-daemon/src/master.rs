@@ -256,6 +256,7 @@ impl Master {
                 realtime: s.mode == crate::config::SyncMode::Realtime,
                 // Source and targets alike: both ends apply the filter.
                 filter: Some(pb::Filter::from(&s.filter)),
+                plaintext: !s.encryption,
             })
             .collect();
         pb::Assignment { content_sets }

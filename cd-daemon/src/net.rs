@@ -9,6 +9,13 @@
 //!
 //! Also here: connecting and accepting with the cluster's TLS configurations, and
 //! the `Hello` exchange that binds the name a peer claims to its certificate.
+//!
+//! Transfer connections ([`connect_transfer`], [`accept_transfer`]) then go on over a
+//! [`Link`]: kernel TLS, rustls, or plain TCP between trusted peers (see
+//! [`crate::link`]). On kernel TLS and plain links, whole files can be sent with
+//! `sendfile` ([`Conn::send_data_zero_copy`]); such data frames carry no CRC (see
+//! [`cd_proto::frame::FLAG_NO_CRC`]), and are only sent to a peer whose `Hello` said it
+//! accepts them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::link::{self, Link, LinkError, LinkStats, Policy, ZeroCopy};
 use crate::pki;
 
 /// Control frame bound for authenticated cluster members.
@@ -71,13 +79,15 @@ pub enum NetError {
     NoCertificate,
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    #[error(transparent)]
+    Link(#[from] LinkError),
 }
 
 /// One received frame.
 #[derive(Debug)]
 pub enum Incoming {
     Control(Msg),
-    /// Raw (decompressed, CRC-checked) file bytes.
+    /// Raw (decompressed, CRC-checked unless sent without CRC) file bytes.
     Data {
         file_id: u32,
         bytes: Vec<u8>,
@@ -95,6 +105,11 @@ pub struct Conn<S> {
     pub data_wire_out: u64,
     pub data_wire_in: u64,
     zstd: Zstd,
+    /// Direct socket access for `sendfile`, on a kernel-TLS or plain link whose peer
+    /// accepts data frames without CRC.
+    zero_copy: Option<ZeroCopy>,
+    /// The link's counters, for a transfer connection.
+    link: Option<Arc<LinkStats>>,
 }
 
 /// Compression state of one direction of a connection: contexts made once (a zstd
@@ -178,7 +193,19 @@ impl<S> Conn<S> {
             data_wire_out: 0,
             data_wire_in: 0,
             zstd: Zstd::default(),
+            zero_copy: None,
+            link: None,
         }
+    }
+
+    /// The `sendfile` handle, when this connection can carry file data that way.
+    pub fn zero_copy(&self) -> Option<&ZeroCopy> {
+        self.zero_copy.as_ref()
+    }
+
+    /// The link's counters (transfer connections only).
+    pub fn link_stats(&self) -> Option<&Arc<LinkStats>> {
+        self.link.as_ref()
     }
 
     /// Lowers or raises the control frame bound (see [`MAX_CONTROL_UNAUTHENTICATED`]).
@@ -193,6 +220,51 @@ impl<S> Conn<S> {
     /// The underlying stream (tests write raw bytes with it).
     pub fn into_inner(self) -> S {
         self.stream
+    }
+}
+
+impl Conn<Link> {
+    /// A transfer connection over `link`; `peer_accepts_no_crc` from the peer's `Hello`.
+    pub fn from_link(link: Link, peer_accepts_no_crc: bool) -> Self {
+        let zero_copy = link.zero_copy().filter(|_| peer_accepts_no_crc);
+        let stats = link.stats().clone();
+        let mut c = Conn::new(link);
+        c.zero_copy = zero_copy;
+        c.link = Some(stats);
+        c
+    }
+}
+
+impl<S> Conn<S> {
+    /// Sends `len` bytes of `file` from `offset` as one data frame without CRC: the
+    /// header with `MSG_MORE`, then the content with `sendfile`, so it never passes
+    /// through user space. Only on a connection with [`Conn::zero_copy`]; `len` at most
+    /// `MAX_CHUNK_RAW`. An error leaves the frame unfinished: the connection is unusable.
+    pub async fn send_data_zero_copy(
+        &mut self,
+        file_id: u32,
+        file: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> Result<u64, NetError> {
+        let zc = self.zero_copy.as_ref().ok_or(NetError::Io {
+            op: "sendfile",
+            source: std::io::Error::other("this connection cannot send zero-copy"),
+        })?;
+        let header = frame::encode_data_header(file_id, None, len as u32, false, len);
+        zc.send_more(&header).await.map_err(|source| NetError::Io {
+            op: "write data header",
+            source,
+        })?;
+        zc.sendfile(file, offset, len)
+            .await
+            .map_err(|source| NetError::Io {
+                op: "sendfile",
+                source,
+            })?;
+        let n = (header.len() + len) as u64;
+        self.data_wire_out += n;
+        Ok(n)
     }
 }
 
@@ -238,7 +310,7 @@ impl<S: AsyncWrite + Unpin> Conn<S> {
         let compressed = self.zstd.compress(file_id, raw, zstd_level);
         let body: &[u8] = if compressed { &self.zstd.out } else { raw };
         let header =
-            frame::encode_data_header(file_id, crc, raw.len() as u32, compressed, body.len());
+            frame::encode_data_header(file_id, Some(crc), raw.len() as u32, compressed, body.len());
         self.stream
             .write_all(&header)
             .await
@@ -349,13 +421,17 @@ impl<S: AsyncRead + Unpin> Conn<S> {
                 } else {
                     chunk.body.to_vec()
                 };
-                let got = crc32fast::hash(&bytes);
-                if got != chunk.crc32 {
-                    return Err(NetError::Crc {
-                        file_id: chunk.file_id,
-                        expected: chunk.crc32,
-                        got,
-                    });
+                // Without CRC (FLAG_NO_CRC) the link's AEAD, if any, and the BLAKE3 of the
+                // whole file that the receiver checks at FileEnd protect the content.
+                if let Some(expected) = chunk.crc32 {
+                    let got = crc32fast::hash(&bytes);
+                    if got != expected {
+                        return Err(NetError::Crc {
+                            file_id: chunk.file_id,
+                            expected,
+                            got,
+                        });
+                    }
                 }
                 Ok(Incoming::Data {
                     file_id: chunk.file_id,
@@ -449,6 +525,22 @@ impl ServerConn {
         our_name: &str,
         require_cert: bool,
     ) -> Result<pb::Hello, NetError> {
+        self.server_hello_with(require_cert, |h| {
+            hello(
+                our_name,
+                pb::hello::Purpose::try_from(h.purpose).unwrap_or_default(),
+            )
+        })
+        .await
+    }
+
+    /// [`ServerConn::server_hello`] with the answer built by `answer` from the client's
+    /// (already authenticated) `Hello`.
+    pub async fn server_hello_with(
+        &mut self,
+        require_cert: bool,
+        answer: impl FnOnce(&pb::Hello) -> pb::Hello,
+    ) -> Result<pb::Hello, NetError> {
         let msg = self.recv_hello_msg().await?;
         let Msg::Hello(h) = msg else {
             return Err(NetError::Unexpected {
@@ -478,11 +570,7 @@ impl ServerConn {
             }
             None => {}
         }
-        self.send(Msg::Hello(hello(
-            our_name,
-            pb::hello::Purpose::try_from(h.purpose).unwrap_or_default(),
-        )))
-        .await?;
+        self.send(Msg::Hello(answer(&h))).await?;
         Ok(h)
     }
 }
@@ -494,7 +582,12 @@ impl ClientConn {
         our_name: &str,
         purpose: pb::hello::Purpose,
     ) -> Result<pb::Hello, NetError> {
-        self.send(Msg::Hello(hello(our_name, purpose))).await?;
+        self.client_hello_with(hello(our_name, purpose)).await
+    }
+
+    /// Sends `ours` and waits for the server's `Hello`.
+    pub async fn client_hello_with(&mut self, ours: pb::Hello) -> Result<pb::Hello, NetError> {
+        self.send(Msg::Hello(ours)).await?;
         let msg = self.recv_hello_msg().await?;
         match msg {
             Msg::Hello(h) => Ok(h),
@@ -530,7 +623,88 @@ pub fn hello(name: &str, purpose: pb::hello::Purpose) -> pb::Hello {
         node_name: name.to_owned(),
         software_version: cd_proto::SOFTWARE_VERSION.to_owned(),
         purpose: purpose as i32,
+        ..Default::default()
     }
+}
+
+/// A transfer connection after the handshake, the `Hello`s and the switch of the record
+/// layer.
+pub type LinkConn = Conn<Link>;
+
+/// Connects to replica `server_name` at `addr` for a transfer: TLS handshake, `Hello`
+/// (asking for plaintext when `want_plaintext`), then the record layer of
+/// [`link::establish`]. `force_rustls`: do not use kernel TLS for this connection.
+/// Returns the connection and the replica's `Hello`.
+pub async fn connect_transfer(
+    addr: &str,
+    server_name: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    our_name: &str,
+    want_plaintext: bool,
+    policy: &Policy,
+    force_rustls: bool,
+) -> Result<(LinkConn, pb::Hello), NetError> {
+    let mut conn = connect(addr, server_name, cfg).await?;
+    let ours = pb::Hello {
+        plaintext: want_plaintext,
+        accepts_no_crc: true,
+        ..hello(our_name, pb::hello::Purpose::Transfer)
+    };
+    let theirs = conn.client_hello_with(ours).await?;
+    if theirs.plaintext && !want_plaintext {
+        return Err(NetError::Unexpected {
+            expected: "an encrypted link (none was asked for)",
+            got: "a plaintext answer".into(),
+        });
+    }
+    let link = link::establish(
+        tokio_rustls::TlsStream::Client(conn.into_inner()),
+        theirs.plaintext,
+        policy,
+        force_rustls,
+    )?;
+    tracing::debug!(peer = server_name, path = link.path().as_str(), cipher = ?link.stats().cipher, note = ?link.stats().note, "transfer link (sending)");
+    Ok((Conn::from_link(link, theirs.accepts_no_crc), theirs))
+}
+
+/// Accepts a transfer connection: TLS handshake, the client's `Hello` (certificate
+/// required and matching its name), our answer (plaintext only when asked for, for a
+/// transfer, by a peer `policy` trusts), then the record layer of [`link::establish`].
+/// Returns the connection and the client's `Hello`.
+pub async fn accept_transfer(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    our_name: &str,
+    policy: &Policy,
+) -> Result<(LinkConn, pb::Hello), NetError> {
+    let mut conn = accept(tcp, acceptor).await?;
+    let mut plaintext = false;
+    let theirs = conn
+        .server_hello_with(true, |h| {
+            plaintext = h.plaintext
+                && h.purpose == pb::hello::Purpose::Transfer as i32
+                && policy.trusts(&h.node_name);
+            pb::Hello {
+                plaintext,
+                accepts_no_crc: true,
+                ..hello(
+                    our_name,
+                    pb::hello::Purpose::try_from(h.purpose).unwrap_or_default(),
+                )
+            }
+        })
+        .await?;
+    if theirs.plaintext && !plaintext {
+        tracing::info!(peer = %theirs.node_name, "peer asked for a plaintext link; not in trusted_peers, so the link stays encrypted");
+    }
+    let link = link::establish(
+        tokio_rustls::TlsStream::Server(conn.into_inner()),
+        plaintext,
+        policy,
+        false,
+    )?;
+    tracing::debug!(peer = %theirs.node_name, path = link.path().as_str(), cipher = ?link.stats().cipher, note = ?link.stats().note, "transfer link (receiving)");
+    Ok((Conn::from_link(link, theirs.accepts_no_crc), theirs))
 }
 
 #[cfg(test)]

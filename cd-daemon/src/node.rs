@@ -20,7 +20,7 @@
 //!   full manifests and incremental change sets alike, so its own excluded entries
 //!   stay and the command mask holds even if a source sent more.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +38,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, NodeConfig};
 use crate::fs;
+use crate::link;
 use crate::net::{self, NetError};
 use crate::pki::{self, Identity};
 use crate::realtime::{self, CaptureService};
@@ -49,6 +50,8 @@ const MAX_ROUNDS: u32 = 3;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a catch-up waits for more targets to (re)connect before its full round.
 const CATCH_UP_SETTLE: Duration = Duration::from_millis(300);
+/// Transfer links remembered for `status`.
+const RECENT_LINKS: usize = 16;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LastSync {
@@ -130,6 +133,13 @@ pub struct Node {
     capture: Mutex<Option<Arc<CaptureService>>>,
     /// Signatures of what this node distributed, and patches being broadcast.
     delta_cache: Arc<crate::delta::DeltaCache>,
+    /// How transfer links are set up (kernel TLS, trusted plaintext peers).
+    transport: link::Policy,
+    /// The last transfer links, newest last, for `status`.
+    links: Mutex<VecDeque<serde_json::Value>>,
+    /// Targets whose kernel-TLS link ran out of its record budget: the next
+    /// connection to them uses rustls (see [`crate::link`]).
+    rustls_only: Mutex<BTreeSet<String>>,
 }
 
 pub fn now_unix() -> i64 {
@@ -150,6 +160,13 @@ impl Node {
         let listener = TcpListener::bind(ncfg.listen)
             .await
             .with_context(|| format!("bind data listener {}", ncfg.listen))?;
+        let transport = link::Policy::new(
+            ncfg.ktls,
+            std::env::var(link::ENV_KTLS).ok().as_deref(),
+            ncfg.trusted_peers.clone(),
+        );
+        // Before any file is sent under a lease (see fs::snapshot).
+        fs::snapshot::init_lease_signal();
         let data_addr = listener.local_addr()?;
         let sets = ncfg
             .content_sets
@@ -193,6 +210,9 @@ impl Node {
             errors: Mutex::new(Vec::new()),
             owner: rustix::process::geteuid().is_root(),
             capture: Mutex::new(None),
+            transport,
+            links: Mutex::new(VecDeque::new()),
+            rustls_only: Mutex::new(BTreeSet::new()),
         });
         tracing::info!(node = %node.name, data_addr = %data_addr, "node started");
         tokio::spawn(
@@ -310,7 +330,37 @@ impl Node {
             "errors": *self.errors.lock().unwrap(),
             "capture": self.capture.lock().unwrap().as_ref().map(|c| c.status()),
             "delta": self.delta_cache.status(),
+            "transport": {
+                "ktls": self.transport.status(),
+                "links": *self.links.lock().unwrap(),
+            },
         })
+    }
+
+    /// Remembers a transfer link for `status`: which record layer it used and how its
+    /// file data went out (`bytes_sendfile`) or in.
+    fn record_link(
+        &self,
+        peer: &str,
+        side: &'static str,
+        content_set: &str,
+        stats: Option<&Arc<link::LinkStats>>,
+        ok: bool,
+    ) {
+        let Some(stats) = stats else { return };
+        let mut v = stats.json();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("peer".into(), peer.into());
+            o.insert("side".into(), side.into());
+            o.insert("content_set".into(), content_set.into());
+            o.insert("ok".into(), ok.into());
+            o.insert("at_unix".into(), now_unix().into());
+        }
+        let mut links = self.links.lock().unwrap();
+        links.push_back(v);
+        while links.len() > RECENT_LINKS {
+            links.pop_front();
+        }
     }
 
     // ---- master session -------------------------------------------------------
@@ -1149,12 +1199,32 @@ impl Node {
         if peer.data_addr.is_empty() {
             bail!("target `{}` is not connected to the master", peer.name);
         }
-        let mut conn = net::connect(&peer.data_addr, &peer.name, self.client_cfg.clone()).await?;
-        conn.client_hello(&self.name, pb::hello::Purpose::Transfer)
-            .await?;
-        let st = transfer::send(&mut conn, out).await?;
-        conn.shutdown().await;
-        Ok(st)
+        let plaintext = self
+            .sets
+            .get(&out.content_set)
+            .and_then(|s| s.assignment.lock().unwrap().as_ref().map(|a| a.plaintext))
+            .unwrap_or(false);
+        let force_rustls = self.rustls_only.lock().unwrap().remove(&peer.name);
+        let (mut conn, _) = net::connect_transfer(
+            &peer.data_addr,
+            &peer.name,
+            self.client_cfg.clone(),
+            &self.name,
+            plaintext,
+            &self.transport,
+            force_rustls,
+        )
+        .await?;
+        let r = transfer::send(&mut conn, out).await;
+        if r.is_ok() {
+            conn.shutdown().await;
+        }
+        let stats = conn.link_stats();
+        if stats.is_some_and(|s| s.budget_exhausted.load(Ordering::Relaxed)) {
+            self.rustls_only.lock().unwrap().insert(peer.name.clone());
+        }
+        self.record_link(&peer.name, "source", &out.content_set, stats, r.is_ok());
+        Ok(r?)
     }
 
     // ---- replica side -----------------------------------------------------------
@@ -1184,8 +1254,8 @@ impl Node {
         tcp: tokio::net::TcpStream,
         acceptor: &TlsAcceptor,
     ) -> anyhow::Result<()> {
-        let mut conn = net::accept(tcp, acceptor).await?;
-        let hello = conn.server_hello(&self.name, true).await?;
+        let (mut conn, hello) =
+            net::accept_transfer(tcp, acceptor, &self.name, &self.transport).await?;
         if hello.purpose != pb::hello::Purpose::Transfer as i32 {
             conn.send_error(
                 pb::error::ErrorCode::BadRequest,
@@ -1263,6 +1333,13 @@ impl Node {
             ),
             Err(e) => (false, Some(e.to_string()), 0, 0),
         };
+        self.record_link(
+            &hello.node_name,
+            "replica",
+            &begin.content_set,
+            conn.link_stats(),
+            ok,
+        );
         *state.last_sync.lock().unwrap() = Some(LastSync {
             job_id: begin.job_id,
             at_unix: now_unix(),

@@ -344,16 +344,22 @@ pub fn server_config(id: &Identity, auth: ClientAuth) -> Result<Arc<ServerConfig
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.chain.clone(), id.key.clone_key())?;
-    // No session tickets: they break plain reads on kernel-TLS receivers later on.
+    // No session tickets: they break plain reads on kernel-TLS receivers later on, and
+    // they would arrive after the handshake at a moment the client cannot predict,
+    // which the hand-off to kernel TLS relies on not happening (see crate::link).
     cfg.send_tls13_tickets = 0;
+    // Transfer links hand their traffic secrets to kernel TLS (crate::link).
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
 pub fn client_config(id: &Identity) -> Result<Arc<ClientConfig>, PkiError> {
-    let cfg = ClientConfig::builder_with_provider(provider())
+    let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(id.roots())
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
+    // Transfer links hand their traffic secrets to kernel TLS (crate::link).
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

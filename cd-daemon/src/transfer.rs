@@ -273,6 +273,23 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         let mut attempt = 0;
         loop {
             attempt += 1;
+            match crate::sendfile::try_send(
+                conn,
+                out,
+                &path,
+                need.file_id,
+                want,
+                attempt < READ_ATTEMPTS,
+                &mut st,
+                started,
+                &mut paced,
+            )
+            .await?
+            {
+                crate::sendfile::ZeroCopied::NotUsed => {}
+                crate::sendfile::ZeroCopied::Finished => break,
+                crate::sendfile::ZeroCopied::Retry => continue,
+            }
             let opened = tokio::task::block_in_place(|| fs::SendFile::open(&out.root, &path));
             let mut f = match opened {
                 Ok(f) => f,
@@ -497,7 +514,7 @@ where
     }
 }
 
-async fn pace(started: Instant, sent: u64, rate: u64) {
+pub(crate) async fn pace(started: Instant, sent: u64, rate: u64) {
     if rate == 0 {
         return;
     }

@@ -462,9 +462,32 @@ fn version_of(data: &[u8], len: usize) -> Result<u64, String> {
 
 #[test]
 fn change_during_read_is_resent_not_torn() {
+    change_during_read(false);
+}
+
+/// The same on a plaintext, uncompressed link, where whole files go out by `sendfile`
+/// when they can be pinned: the file the writer keeps open is never among them (no
+/// read lease while it is open for writing; no reflinks on the test's filesystem), so
+/// it takes the read path, which re-reads it.
+#[test]
+fn change_during_sendfile_link_is_read_not_zero_copied() {
+    change_during_read(true);
+}
+
+fn change_during_read(plain: bool) {
     const LEN: usize = 8 * MIB;
     let tmp = tempfile::tempdir().unwrap();
-    let c = start(tmp.path(), 2, 4 * MIB as u64);
+    let c = if plain {
+        let mut spec = ClusterSpec::new(2, tmp.path(), &cdd(), &cdctl());
+        spec.max_rate = 4 * MIB as u64;
+        spec.zstd_level = Some(0);
+        spec.set_lines.push("encryption = false".into());
+        spec.node_lines
+            .insert("node2".into(), vec!["trusted_peers = [\"node1\"]".into()]);
+        Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"))
+    } else {
+        start(tmp.path(), 2, 4 * MIB as u64)
+    };
     let source = c.root(c.source()).unwrap();
     let target_root = c.root("node2").unwrap();
     let hot = source.join("hot.bin");
@@ -472,6 +495,12 @@ fn change_during_read_is_resent_not_torn() {
     fs::write(source.join("cold.txt"), b"unchanged\n").unwrap();
     sync_ok(&c);
     assert_replicas_identical(&c);
+    if plain {
+        // Nobody writes yet: the 8 MiB file goes out by sendfile under a lease.
+        let l = last_link(&c, "node1", "source");
+        assert_eq!(l["path"], "plain", "{l}");
+        assert!(l["bytes_sendfile"].as_u64().unwrap() >= LEN as u64, "{l}");
+    }
 
     // A writer rewrites the file in place, version after version, in chunks, with a
     // short pause between versions.
@@ -500,6 +529,10 @@ fn change_during_read_is_resent_not_torn() {
         thread::sleep(Duration::from_millis(5));
     }
 
+    // On the sendfile link: the file stays open for writing until the job is over, so
+    // every round of it must read the file, none may zero-copy it.
+    let held = plain.then(|| fs::OpenOptions::new().write(true).open(&hot).unwrap());
+    let links_before = if plain { source_links(&c).len() } else { 0 };
     let mut job = c.sync_background().unwrap();
     let seen = wait_for_partial_stage(&target_root, LEN as u64, &mut job);
     let at_partial = done.load(Ordering::SeqCst);
@@ -532,6 +565,18 @@ fn change_during_read_is_resent_not_torn() {
     let t = out.target("node2").unwrap();
     assert!(counter(t, "files_sent").unwrap() >= 1, "{}", out.report);
     eprintln!("resent = {}, last version written = {last}", t["resent"]);
+    if plain {
+        let links = source_links(&c);
+        assert!(links.len() > links_before, "{links:?}");
+        for (_, l) in &links[links_before..] {
+            assert_eq!(l["path"], "plain", "{l}");
+            assert_eq!(
+                l["bytes_sendfile"], 0,
+                "a file open for writing went out by sendfile: {l}"
+            );
+        }
+    }
+    drop(held);
 
     let replica = fs::read(target_root.join("hot.bin")).unwrap();
     let v = version_of(&replica, LEN).unwrap_or_else(|e| panic!("node2 hot.bin: {e}"));
@@ -547,6 +592,115 @@ fn change_during_read_is_resent_not_torn() {
     assert_eq!(version_of(&replica, LEN), Ok(last));
     let diffs = compare(&source, &target_root).unwrap();
     assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+/// The newest transfer link `node` recorded for `side` (`source` or `replica`), from
+/// its `cdctl status --json`.
+fn last_link(c: &Cluster, node: &str, side: &str) -> Value {
+    let st = c.status(node).unwrap();
+    st["node"]["transport"]["links"]
+        .as_array()
+        .and_then(|l| l.iter().rev().find(|x| x["side"] == side))
+        .cloned()
+        .unwrap_or_else(|| panic!("{node} recorded no {side} link: {st}"))
+}
+
+/// The links `node1` (the source) recorded, by peer.
+fn source_links(c: &Cluster) -> Vec<(String, Value)> {
+    let st = c.status("node1").unwrap();
+    st["node"]["transport"]["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["side"] == "source")
+        .map(|l| (l["peer"].as_str().unwrap().to_owned(), l.clone()))
+        .collect()
+}
+
+/// `encryption = false` on the master drops TLS only towards a replica that trusts the
+/// source (`trusted_peers`); the one that does not keeps an encrypted link. Both get
+/// the tree. On the plaintext link the big file goes out by `sendfile`; on a rustls
+/// link nothing can.
+#[test]
+fn plaintext_only_when_both_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(4, tmp.path(), &cdd(), &cdctl());
+    spec.zstd_level = Some(0);
+    spec.set_lines.push("encryption = false".into());
+    spec.node_lines
+        .insert("node2".into(), vec!["trusted_peers = [\"node1\"]".into()]);
+    spec.node_lines
+        .insert("node3".into(), vec!["trusted_peers = [\"node9\"]".into()]);
+    // node4 trusts everyone, but its own kernel TLS is off: plaintext wins.
+    spec.node_lines.insert(
+        "node4".into(),
+        vec!["trusted_peers = [\"*\"]".into(), "ktls = false".into()],
+    );
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    let source = c.root(c.source()).unwrap();
+    fs::write(source.join("big.bin"), noise(1, 3 * MIB)).unwrap();
+    fs::write(source.join("small.txt"), b"small\n").unwrap();
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+
+    let links = source_links(&c);
+    let find = |peer: &str| {
+        links
+            .iter()
+            .rev()
+            .find(|(p, _)| p == peer)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_else(|| panic!("no link to {peer}: {links:?}"))
+    };
+    for peer in ["node2", "node4"] {
+        let l = find(peer);
+        assert_eq!(l["path"], "plain", "{peer}: {l}");
+        assert!(
+            l["bytes_sendfile"].as_u64().unwrap() >= 3 * MIB as u64,
+            "{peer}: {l}"
+        );
+        let r = last_link(&c, peer, "replica");
+        assert_eq!(r["path"], "plain", "{peer}: {r}");
+    }
+    // node3 does not trust node1: encrypted, kernel TLS where this kernel has it.
+    let l = find("node3");
+    assert_ne!(l["path"], "plain", "{l}");
+    let ktls =
+        c.status("node1").unwrap()["node"]["transport"]["ktls"]["probe"]["available"] == true;
+    if ktls {
+        assert_eq!(l["path"], "ktls", "{l}");
+    } else {
+        assert_eq!(l["path"], "rustls", "{l}");
+        assert_eq!(l["bytes_sendfile"], 0, "{l}");
+    }
+    assert_eq!(last_link(&c, "node3", "replica")["path"], l["path"]);
+}
+
+/// Kernel TLS switched off in the node's config and in the environment: the status
+/// says so and the links use rustls (with no note: disabled, not unavailable).
+#[test]
+fn ktls_disabled_by_config_or_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(3, tmp.path(), &cdd(), &cdctl());
+    spec.zstd_level = Some(0);
+    spec.node_lines
+        .insert("node1".into(), vec!["ktls = false".into()]);
+    spec.env.push(("CDD_KTLS".into(), "off".into()));
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    fs::write(c.root("node1").unwrap().join("f"), noise(2, MIB)).unwrap();
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+    for node in ["node1", "node2", "node3"] {
+        let k = &c.status(node).unwrap()["node"]["transport"]["ktls"];
+        assert_eq!(k["enabled"], false, "{node}: {k}");
+        // Probed all the same: status says whether it could be used.
+        assert!(k["probe"]["available"].is_boolean(), "{node}: {k}");
+    }
+    for (peer, l) in source_links(&c) {
+        assert_eq!(l["path"], "rustls", "{peer}: {l}");
+        assert_eq!(l["note"], Value::Null, "{peer}: {l}");
+        assert_eq!(l["bytes_sendfile"], 0, "{peer}: {l}");
+    }
 }
 
 #[test]

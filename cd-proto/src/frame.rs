@@ -8,7 +8,7 @@
 //!      0     4  magic    b"CDSY"
 //!      4     1  version  protocol version of the sender
 //!      5     1  kind     1 = control, 2 = data
-//!      6     2  flags    big-endian; FLAG_ZSTD (data frames only)
+//!      6     2  flags    big-endian; FLAG_ZSTD, FLAG_NO_CRC (data frames only)
 //!      8     4  len      big-endian body length, <= MAX_FRAME_LEN
 //! ```
 //!
@@ -17,6 +17,15 @@
 //! big-endian `u32`) followed by a chunk of file content, zstd-compressed if the
 //! header has [`FLAG_ZSTD`]. The codec never copies file content when encoding: the
 //! caller writes [`encode_data_header`] and then the body itself.
+//!
+//! A data frame with [`FLAG_NO_CRC`] carries no CRC: its `crc32` field must be 0 and its
+//! content must be uncompressed (the flag is refused together with [`FLAG_ZSTD`]). The
+//! sender uses it when the content goes from the file to the socket without passing
+//! through user space (`sendfile` onto kernel TLS or a plain TCP link), so it never
+//! sees the bytes to checksum them. Integrity is then the TLS record's AEAD (on an
+//! encrypted link) and, in every case, the whole-file BLAKE3 the receiver checks
+//! before it keeps the file. A receiver only gets such frames from a sender that it
+//! told, in its `Hello`, that it accepts them.
 //!
 //! Every frame carries the version so that a peer of a different version is reported
 //! as such ([`FrameError::PeerTooNew`], [`FrameError::PeerTooOld`]) on the first frame,
@@ -46,6 +55,9 @@ pub const DATA_PREFIX_LEN: usize = 12;
 pub const MAX_CHUNK_RAW: usize = 256 * 1024;
 /// Flag bit: the data frame's body is zstd-compressed.
 pub const FLAG_ZSTD: u16 = 1;
+/// Flag bit: the data frame carries no CRC (its `crc32` field is 0); never together
+/// with [`FLAG_ZSTD`]. See the module docs.
+pub const FLAG_NO_CRC: u16 = 2;
 
 /// What a frame's body holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +81,7 @@ impl FrameKind {
     fn known_flags(self) -> u16 {
         match self {
             Self::Control => 0,
-            Self::Data => FLAG_ZSTD,
+            Self::Data => FLAG_ZSTD | FLAG_NO_CRC,
         }
     }
 }
@@ -88,9 +100,9 @@ pub struct FrameHeader {
 
 impl FrameHeader {
     /// Parses and validates a header, in this order: magic, version, kind, flags (only
-    /// the bits defined for the kind: none for control frames, [`FLAG_ZSTD`] for data
-    /// frames), and `len <= MAX_FRAME_LEN`. The length is checked here, before the
-    /// caller reads or allocates the body.
+    /// the bits defined for the kind: none for control frames, [`FLAG_ZSTD`] and
+    /// [`FLAG_NO_CRC`], but not both, for data frames), and `len <= MAX_FRAME_LEN`. The
+    /// length is checked here, before the caller reads or allocates the body.
     pub fn decode(buf: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError> {
         let [m0, m1, m2, m3, version, kind, f0, f1, l0, l1, l2, l3] = *buf;
         let magic = [m0, m1, m2, m3];
@@ -113,6 +125,9 @@ impl FrameHeader {
         let flags = u16::from_be_bytes([f0, f1]);
         if flags & !kind.known_flags() != 0 {
             return Err(FrameError::UnknownFlags { flags });
+        }
+        if flags & (FLAG_ZSTD | FLAG_NO_CRC) == FLAG_ZSTD | FLAG_NO_CRC {
+            return Err(FrameError::ConflictingFlags { flags });
         }
         let len = u32::from_be_bytes([l0, l1, l2, l3]);
         if len > MAX_FRAME_LEN {
@@ -184,8 +199,9 @@ pub fn decode_control(header: &FrameHeader, body: &[u8]) -> Result<Envelope, Fra
 pub struct DataChunk<'a> {
     /// The file, as numbered by the replica in its need list.
     pub file_id: u32,
-    /// CRC-32 (IEEE) of the uncompressed content of this chunk.
-    pub crc32: u32,
+    /// CRC-32 (IEEE) of the uncompressed content of this chunk; `None` for a frame with
+    /// [`FLAG_NO_CRC`].
+    pub crc32: Option<u32>,
     /// Length of the uncompressed content, at most [`MAX_CHUNK_RAW`].
     pub raw_len: u32,
     /// `body` is zstd-compressed ([`FLAG_ZSTD`]); otherwise `body.len() == raw_len`.
@@ -197,12 +213,16 @@ pub struct DataChunk<'a> {
 /// bytes. The caller writes the content directly after these bytes, so the codec
 /// never copies file content.
 ///
+/// `crc32` is the CRC-32 of the raw bytes, or `None` for a frame with [`FLAG_NO_CRC`]
+/// (the field is then 0).
+///
 /// `raw_len` must be at most [`MAX_CHUNK_RAW`] and, for an uncompressed chunk, equal to
-/// `body_len`; otherwise the receiver refuses the frame (this function does not check,
-/// so that tests can build hostile frames with it).
+/// `body_len`, and a chunk without CRC must be uncompressed; otherwise the receiver
+/// refuses the frame (this function does not check, so that tests can build hostile
+/// frames with it).
 pub fn encode_data_header(
     file_id: u32,
-    crc32: u32,
+    crc32: Option<u32>,
     raw_len: u32,
     compressed: bool,
     body_len: usize,
@@ -210,20 +230,22 @@ pub fn encode_data_header(
     let header = FrameHeader {
         version: VERSION,
         kind: FrameKind::Data,
-        flags: if compressed { FLAG_ZSTD } else { 0 },
+        flags: if compressed { FLAG_ZSTD } else { 0 }
+            | if crc32.is_none() { FLAG_NO_CRC } else { 0 },
         len: u32::try_from(DATA_PREFIX_LEN.saturating_add(body_len)).unwrap_or(u32::MAX),
     };
     let mut out = [0u8; HEADER_LEN + DATA_PREFIX_LEN];
     out[..HEADER_LEN].copy_from_slice(&header.encode());
     out[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&file_id.to_be_bytes());
-    out[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&crc32.to_be_bytes());
+    out[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&crc32.unwrap_or(0).to_be_bytes());
     out[HEADER_LEN + 8..].copy_from_slice(&raw_len.to_be_bytes());
     out
 }
 
 /// Decodes the body of a data frame (the `header.len` bytes after the header). The
 /// frame must be [`FrameKind::Data`], hold at least the prefix, claim at most
-/// [`MAX_CHUNK_RAW`] raw bytes, and, if uncompressed, carry exactly `raw_len` bytes.
+/// [`MAX_CHUNK_RAW`] raw bytes, and, if uncompressed, carry exactly `raw_len` bytes; a
+/// frame with [`FLAG_NO_CRC`] must have 0 in its `crc32` field.
 pub fn decode_data<'a>(header: &FrameHeader, body: &'a [u8]) -> Result<DataChunk<'a>, FrameError> {
     if header.kind != FrameKind::Data {
         return Err(FrameError::WrongKind {
@@ -244,6 +266,14 @@ pub fn decode_data<'a>(header: &FrameHeader, body: &'a [u8]) -> Result<DataChunk
         return Err(FrameError::ChunkTooLarge { raw_len });
     }
     let compressed = header.flags & FLAG_ZSTD != 0;
+    let crc32 = if header.flags & FLAG_NO_CRC != 0 {
+        if crc32 != 0 {
+            return Err(FrameError::CrcInNoCrcFrame { crc32 });
+        }
+        None
+    } else {
+        Some(crc32)
+    };
     if !compressed && content.len() != raw_len as usize {
         return Err(FrameError::RawLenMismatch {
             raw_len,
@@ -265,7 +295,8 @@ pub enum Frame {
     Control(Envelope),
     Data {
         file_id: u32,
-        crc32: u32,
+        /// `None`: a frame with [`FLAG_NO_CRC`].
+        crc32: Option<u32>,
         raw_len: u32,
         compressed: bool,
         body: Vec<u8>,
@@ -363,6 +394,8 @@ pub enum FrameError {
     UnknownKind { kind: u8 },
     #[error("unknown frame flags {flags:#06x}")]
     UnknownFlags { flags: u16 },
+    #[error("frame flags {flags:#06x}: a data chunk without CRC cannot be compressed")]
+    ConflictingFlags { flags: u16 },
     #[error("frame body of {len} bytes exceeds the limit of {max} bytes")]
     TooLong { len: u32, max: u32 },
     #[error("expected a {expected:?} frame, got a {found:?} frame")]
@@ -380,6 +413,8 @@ pub enum FrameError {
     ChunkTooLarge { raw_len: u32 },
     #[error("uncompressed data chunk claims {raw_len} bytes but carries {body_len}")]
     RawLenMismatch { raw_len: u32, body_len: usize },
+    #[error("data chunk flagged as carrying no CRC has {crc32:#010x} in its CRC field")]
+    CrcInNoCrcFrame { crc32: u32 },
 }
 
 #[cfg(test)]
@@ -395,6 +430,7 @@ mod tests {
                 node_name: "web-1".into(),
                 software_version: crate::SOFTWARE_VERSION.into(),
                 purpose: pb::hello::Purpose::Control.into(),
+                ..Default::default()
             })),
         }
     }
@@ -410,7 +446,7 @@ mod tests {
 
     fn data_frame(
         file_id: u32,
-        crc32: u32,
+        crc32: Option<u32>,
         raw_len: u32,
         compressed: bool,
         body: &[u8],
@@ -597,7 +633,7 @@ mod tests {
     #[test]
     fn data_round_trip() {
         let content = b"hello, world\n";
-        let bytes = data_frame(7, 0xdead_beef, content.len() as u32, false, content);
+        let bytes = data_frame(7, Some(0xdead_beef), content.len() as u32, false, content);
         assert_eq!(bytes.len(), HEADER_LEN + DATA_PREFIX_LEN + content.len());
         let h = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
         assert_eq!(
@@ -609,7 +645,7 @@ mod tests {
             c,
             DataChunk {
                 file_id: 7,
-                crc32: 0xdead_beef,
+                crc32: Some(0xdead_beef),
                 raw_len: 13,
                 compressed: false,
                 body: content
@@ -617,12 +653,12 @@ mod tests {
         );
 
         // Compressed: the body length is independent of raw_len.
-        let bytes = data_frame(1, 2, MAX_CHUNK_RAW as u32, true, b"zz");
+        let bytes = data_frame(1, Some(2), MAX_CHUNK_RAW as u32, true, b"zz");
         assert_eq!(
             decode_all(&bytes),
             Ok(vec![Frame::Data {
                 file_id: 1,
-                crc32: 2,
+                crc32: Some(2),
                 raw_len: MAX_CHUNK_RAW as u32,
                 compressed: true,
                 body: b"zz".to_vec()
@@ -630,8 +666,64 @@ mod tests {
         );
 
         // Empty chunk (an empty file is sent as one).
-        let bytes = data_frame(3, 0, 0, false, b"");
+        let bytes = data_frame(3, Some(0), 0, false, b"");
         assert_eq!(decode_all(&bytes).unwrap().len(), 1);
+
+        // Without CRC: the flag is set, the field is 0, and the chunk says so.
+        let bytes = data_frame(5, None, 3, false, b"abc");
+        let h = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(h.flags, FLAG_NO_CRC);
+        assert_eq!(bytes[HEADER_LEN + 4..HEADER_LEN + 8], [0; 4]);
+        assert_eq!(
+            decode_all(&bytes),
+            Ok(vec![Frame::Data {
+                file_id: 5,
+                crc32: None,
+                raw_len: 3,
+                compressed: false,
+                body: b"abc".to_vec()
+            }])
+        );
+    }
+
+    #[test]
+    fn no_crc_is_refused_where_not_allowed() {
+        // Never with FLAG_ZSTD: compressed bytes were in user space, so they have a CRC.
+        let b = header(FrameKind::Data, FLAG_ZSTD | FLAG_NO_CRC, 20).encode();
+        assert_eq!(
+            decode_header_err(b),
+            FrameError::ConflictingFlags {
+                flags: FLAG_ZSTD | FLAG_NO_CRC
+            }
+        );
+        // Never on a control frame.
+        let b = header(FrameKind::Control, FLAG_NO_CRC, 5).encode();
+        assert_eq!(
+            decode_header_err(b),
+            FrameError::UnknownFlags { flags: FLAG_NO_CRC }
+        );
+        // The next bit up is still unknown on data frames.
+        let b = header(FrameKind::Data, 4, 5).encode();
+        assert_eq!(decode_header_err(b), FrameError::UnknownFlags { flags: 4 });
+        // A CRC value in a frame that says it has none is ambiguous: refused.
+        let mut bytes = data_frame(5, None, 3, false, b"abc");
+        bytes[HEADER_LEN + 7] = 1;
+        let h = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(
+            decode_data(&h, &bytes[HEADER_LEN..]),
+            Err(FrameError::CrcInNoCrcFrame { crc32: 1 })
+        );
+        // The uncompressed length rule holds for it too.
+        let mut body = encode_data_header(1, None, 4, false, 3)[HEADER_LEN..].to_vec();
+        body.extend_from_slice(b"abc");
+        let h = header(FrameKind::Data, FLAG_NO_CRC, body.len() as u32);
+        assert_eq!(
+            decode_data(&h, &body),
+            Err(FrameError::RawLenMismatch {
+                raw_len: 4,
+                body_len: 3
+            })
+        );
     }
 
     #[test]
@@ -652,14 +744,14 @@ mod tests {
         );
 
         let too_big = MAX_CHUNK_RAW as u32 + 1;
-        let mut body = encode_data_header(1, 0, too_big, true, 0)[HEADER_LEN..].to_vec();
+        let mut body = encode_data_header(1, Some(0), too_big, true, 0)[HEADER_LEN..].to_vec();
         let h = header(FrameKind::Data, FLAG_ZSTD, body.len() as u32);
         assert_eq!(
             decode_data(&h, &body),
             Err(FrameError::ChunkTooLarge { raw_len: too_big })
         );
 
-        body = encode_data_header(1, 0, 4, false, 3)[HEADER_LEN..].to_vec();
+        body = encode_data_header(1, Some(0), 4, false, 3)[HEADER_LEN..].to_vec();
         body.extend_from_slice(b"abc");
         let h = header(FrameKind::Data, 0, body.len() as u32);
         assert_eq!(
@@ -673,7 +765,7 @@ mod tests {
 
     #[test]
     fn body_errors_are_not_sticky() {
-        let mut bytes = data_frame(1, 0, 4, false, b"abc"); // raw_len mismatch
+        let mut bytes = data_frame(1, Some(0), 4, false, b"abc"); // raw_len mismatch
         bytes.extend_from_slice(&encode_control(&hello()));
         let mut d = FrameDecoder::new();
         d.push(&bytes);
@@ -709,7 +801,7 @@ mod tests {
     #[test]
     fn byte_at_a_time() {
         let mut stream = encode_control(&hello());
-        stream.extend(data_frame(9, 1, 3, false, b"xyz"));
+        stream.extend(data_frame(9, Some(1), 3, false, b"xyz"));
         stream.extend(encode_control(&hello()));
         let mut d = FrameDecoder::new();
         let mut frames = Vec::new();
@@ -731,18 +823,20 @@ mod tests {
                 msg: Some(Msg::Hello(pb::Hello {
                     node_name: name,
                     software_version: "1".into(),
-                    purpose
+                    purpose,
+                    ..Default::default()
                 }))
             })),
             (
                 any::<u32>(),
-                any::<u32>(),
+                any::<Option<u32>>(),
                 prop::collection::vec(any::<u8>(), 0..64),
                 any::<bool>()
             )
                 .prop_map(|(id, crc, body, z)| data_frame(
                     id,
-                    crc,
+                    // A compressed chunk always has a CRC.
+                    if z { Some(crc.unwrap_or(0)) } else { crc },
                     body.len() as u32,
                     z,
                     &body

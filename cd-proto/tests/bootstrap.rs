@@ -133,11 +133,30 @@ mod golden {
                 node_name: "web-1".into(),
                 software_version: "0.1.0".into(),
                 purpose: pb::hello::Purpose::Control.into(),
+                ..Default::default()
             })),
         };
         let bytes = frame::encode_control(&env);
         assert_eq!(&bytes[..4], b"CDSY");
         assert_eq!(check("hello", &bytes), Frame::Control(env));
+    }
+
+    /// A transfer `Hello` asking for a plaintext link and accepting frames without
+    /// CRC (the fields a control `Hello` leaves at their defaults, which encode to
+    /// nothing: `hello.bin` is what it was before they existed).
+    #[test]
+    fn golden_hello_transfer() {
+        let env = pb::Envelope {
+            msg: Some(Msg::Hello(pb::Hello {
+                node_name: "web-1".into(),
+                software_version: "0.1.0".into(),
+                purpose: pb::hello::Purpose::Transfer.into(),
+                plaintext: true,
+                accepts_no_crc: true,
+            })),
+        };
+        let bytes = frame::encode_control(&env);
+        assert_eq!(check("hello_transfer", &bytes), Frame::Control(env));
     }
 
     #[test]
@@ -217,13 +236,35 @@ mod golden {
         let crc = crc32(content);
         assert_eq!(crc32(b"123456789"), 0xcbf4_3926, "CRC-32 check value");
         let mut bytes =
-            frame::encode_data_header(42, crc, content.len() as u32, false, content.len()).to_vec();
+            frame::encode_data_header(42, Some(crc), content.len() as u32, false, content.len())
+                .to_vec();
         bytes.extend_from_slice(content);
         assert_eq!(
             check("data_frame", &bytes),
             Frame::Data {
                 file_id: 42,
-                crc32: crc,
+                crc32: Some(crc),
+                raw_len: content.len() as u32,
+                compressed: false,
+                body: content.to_vec(),
+            }
+        );
+    }
+
+    /// A data frame sent with `sendfile`: FLAG_NO_CRC, CRC field 0.
+    #[test]
+    fn golden_data_frame_no_crc() {
+        let content = b"hello, cdsync\n";
+        let mut bytes =
+            frame::encode_data_header(42, None, content.len() as u32, false, content.len())
+                .to_vec();
+        bytes.extend_from_slice(content);
+        assert_eq!(bytes[6..8], frame::FLAG_NO_CRC.to_be_bytes());
+        assert_eq!(
+            check("data_frame_no_crc", &bytes),
+            Frame::Data {
+                file_id: 42,
+                crc32: None,
                 raw_len: content.len() as u32,
                 compressed: false,
                 body: content.to_vec(),

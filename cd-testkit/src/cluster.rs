@@ -67,6 +67,11 @@ pub struct ClusterSpec {
     /// ends the master's config, so a test may append more lines to
     /// [`Cluster::config`]`(MASTER)` and [`Cluster::restart`] the master.
     pub set_lines: Vec<String>,
+    /// Extra lines of a node's `[node]` table, by node name (e.g. `ktls = false`,
+    /// `trusted_peers = ["node1"]`).
+    pub node_lines: BTreeMap<String, Vec<String>>,
+    /// Extra environment variables of every daemon.
+    pub env: Vec<(String, String)>,
     /// How long to wait for a daemon to come up or a node to (re)connect.
     pub startup_timeout: Duration,
     /// How long a `cdctl sync` may take before it is killed and reported.
@@ -111,6 +116,8 @@ impl ClusterSpec {
             capture: None,
             ring_buffer_mib: None,
             set_lines: Vec::new(),
+            node_lines: BTreeMap::new(),
+            env: Vec::new(),
             startup_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(300),
             placements: BTreeMap::new(),
@@ -493,6 +500,9 @@ impl Cluster {
             if let Some(m) = cluster.spec.ring_buffer_mib {
                 cfg.insert_str(at, &format!("ring_buffer_mib = {m}\n"));
             }
+            for line in cluster.spec.node_lines.get(&name).into_iter().flatten() {
+                cfg.insert_str(at, &format!("{line}\n"));
+            }
             cluster.add_daemon(&name, &cfg, Some(root))?;
             cluster.spawn(&name)?;
         }
@@ -554,6 +564,7 @@ impl Cluster {
             }
             _ => Command::new(&cdd),
         };
+        cmd.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         let d = self.daemon_mut(name)?;
         ensure!(d.child.is_none(), "{name} is already running");
         let log = File::options()

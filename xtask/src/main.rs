@@ -156,10 +156,14 @@ fn run_status(mut c: Command, what: &str) -> Result<()> {
 }
 
 /// Privileged tests on the running kernel. They are `#[ignore]`d so that a plain
-/// `cargo test` (no root) does not run them; here they run, one at a time.
+/// `cargo test` (no root) does not run them; here they run, one at a time. The tests
+/// that start daemons (`ktls`) get them from `CD_CDD` / `CD_CDCTL`; on a kernel without
+/// TLS they check the rustls fallback (the guest phase checks kernel TLS itself).
 fn privileged() -> Result<()> {
     require_root("the privileged tier")?;
+    let (cdd, cdctl) = build::debug_daemon()?;
     let mut c = cargo();
+    c.env("CD_CDD", &cdd).env("CD_CDCTL", &cdctl);
     c.args([
         "test",
         "-p",
@@ -185,8 +189,45 @@ fn ebpf_object() -> Result<()> {
 /// Files in the guest's burst test.
 const GUEST_BURST_FILES: usize = 20_000;
 
+/// A test binary of `vm-tests` that also runs inside the guest.
+#[derive(Debug)]
+struct GuestTest {
+    name: &'static str,
+    /// Kernel modules loaded before it runs.
+    modules: &'static [&'static str],
+    /// It starts `cdd` processes: ship `cdd` and `cdctl` (to `/bin`, named in `CD_CDD`
+    /// and `CD_CDCTL`).
+    daemons: bool,
+    /// Extra environment of the test binary.
+    env: &'static str,
+}
+
 /// Test binaries of `vm-tests` that also run inside the guest.
-const GUEST_TESTS: &[&str] = &["ebpf"];
+const GUEST_TESTS: &[GuestTest] = &[
+    GuestTest {
+        name: "ebpf",
+        modules: &[],
+        daemons: false,
+        env: "",
+    },
+    // Kernel TLS: `tls` and the AEAD templates the kernel would otherwise ask modprobe
+    // for (there is none in the guest): gcm(aes) = gcm + ctr + ghash, and
+    // rfc7539(chacha20,poly1305). `CD_EXPECT_KTLS=1`: a fallback to rustls fails.
+    GuestTest {
+        name: "ktls",
+        modules: &[
+            "tls",
+            "gcm",
+            "ctr",
+            "ghash_generic",
+            "chacha20poly1305",
+            "chacha_generic",
+            "poly1305_generic",
+        ],
+        daemons: true,
+        env: "CD_EXPECT_KTLS=1 CD_CDD=/bin/cdd CD_CDCTL=/bin/cdctl",
+    },
+];
 
 /// Builds the vm-tests test binaries and runs the kernel-facing ones in a guest
 /// booting Debian's own kernel, so the programs are proven on the kernels web
@@ -216,28 +257,56 @@ fn guest() -> Result<()> {
             continue;
         }
         let name = v["target"]["name"].as_str().unwrap_or_default();
-        if let (true, Some(exe)) = (GUEST_TESTS.contains(&name), v["executable"].as_str()) {
-            exes.push((name.to_owned(), PathBuf::from(exe)));
+        if let (Some(t), Some(exe)) = (
+            GUEST_TESTS.iter().find(|t| t.name == name),
+            v["executable"].as_str(),
+        ) {
+            exes.push((t, PathBuf::from(exe)));
         }
     }
     ensure!(
         exes.len() == GUEST_TESTS.len(),
-        "expected test binaries {GUEST_TESTS:?}, found {:?}",
-        exes.iter().map(|e| &e.0).collect::<Vec<_>>()
+        "expected test binaries {:?}, found {:?}",
+        GUEST_TESTS.iter().map(|t| t.name).collect::<Vec<_>>(),
+        exes.iter().map(|e| e.0.name).collect::<Vec<_>>()
     );
+    let daemons = if GUEST_TESTS.iter().any(|t| t.daemons) {
+        Some(build::debug_daemon()?)
+    } else {
+        None
+    };
     let work = workspace_root().join("target/vm");
-    for (name, exe) in &exes {
+    // `CD_GUEST_ONLY=ktls`: boot only for the named test binaries (comma-separated).
+    let only = std::env::var("CD_GUEST_ONLY").ok();
+    for (test, exe) in &exes {
+        let name = test.name;
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|n| n == name))
+        {
+            eprintln!(
+                "guest: skipping `{name}` (CD_GUEST_ONLY={})",
+                only.as_deref().unwrap_or("")
+            );
+            continue;
+        }
         let guest_path = format!("/bin/{name}");
         // The guest's tmpfs lives in its RAM and its CPU is emulated: a 20,000-file
         // burst there (the 200,000-file one runs on the host, in `privileged`).
         let script = format!(
-            "CD_BURST_FILES={GUEST_BURST_FILES} exec {guest_path} --ignored --test-threads=1"
+            "CD_BURST_FILES={GUEST_BURST_FILES} {} exec {guest_path} --ignored --test-threads=1",
+            test.env
         );
+        let mut binaries = vec![(exe.as_path(), guest_path.as_str())];
+        if let (true, Some((cdd, cdctl))) = (test.daemons, &daemons) {
+            binaries.push((cdd.as_path(), "/bin/cdd"));
+            binaries.push((cdctl.as_path(), "/bin/cdctl"));
+        }
         let spec = vm::GuestSpec {
             kernel: vm::KernelChoice::DebianBookworm,
-            binaries: &[(exe.as_path(), guest_path.as_str())],
+            binaries: &binaries,
             command: &["/bin/sh", "-c", script.as_str()],
-            modules: &[],
+            modules: test.modules,
             memory_mb: 2048,
             cpus: 2,
             timeout: Duration::from_secs(900),

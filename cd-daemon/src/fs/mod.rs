@@ -9,6 +9,8 @@
 //!   a persistent [`HashIndex`] so unchanged files are not re-hashed.
 //! - [`SendFile`]: the sender side, a file read once and hashed while
 //!   it is read, which fails if the file changed underneath.
+//! - [`Snapshot`]: the sender side for `sendfile`, a file pinned (reflink clone or
+//!   read lease) so that it cannot change while the kernel sends it.
 //! - [`Stage`]: the receiver side, a private per-transfer directory where
 //!   received content is written and verified by hash.
 //! - [`apply()`]: runs a plan's steps against the root.
@@ -90,6 +92,7 @@ pub mod base;
 pub mod index;
 pub mod read;
 pub mod scan;
+pub mod snapshot;
 pub mod stage;
 mod sys;
 
@@ -101,6 +104,7 @@ pub use base::BaseFile;
 pub use index::HashIndex;
 pub use read::{SendFile, SentFile};
 pub use scan::{ScanStats, SubtreeScan, scan, scan_subtree};
+pub use snapshot::Snapshot;
 pub use stage::Stage;
 
 /// Name of the stage parent directory inside [`RESERVED_DIR`].

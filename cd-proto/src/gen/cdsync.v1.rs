@@ -64,6 +64,17 @@ pub struct Hello {
     /// What this connection is for.
     #[prost(enumeration = "hello::Purpose", tag = "3")]
     pub purpose: i32,
+    /// Transfers only. In the source's Hello: its content set is configured
+    /// `encryption = false` and it asks to continue on plain TCP. In the replica's
+    /// answer: it trusts the source for that (its `trusted_peers`), and both sides
+    /// drop TLS right after this exchange. Either false: the link stays encrypted.
+    /// The peers are authenticated by the TLS handshake and the Hellos either way.
+    #[prost(bool, tag = "4")]
+    pub plaintext: bool,
+    /// This peer accepts data frames without CRC (FLAG_NO_CRC, see cd_proto::frame);
+    /// a sender uses them only towards a peer that said so.
+    #[prost(bool, tag = "5")]
+    pub accepts_no_crc: bool,
 }
 /// Nested message and enum types in `Hello`.
 pub mod hello {
@@ -228,6 +239,10 @@ pub struct ContentSetAssignment {
     /// Sent to the source and to every target: both ends apply it. Absent = everything.
     #[prost(message, optional, tag = "8")]
     pub filter: ::core::option::Option<Filter>,
+    /// `encryption = false` on the master: the source asks its targets for plain TCP
+    /// after the authenticated handshake (a target that does not trust it keeps TLS).
+    #[prost(bool, tag = "9")]
+    pub plaintext: bool,
     /// Whole files only ("dump copy"), or deltas where they pay (the default).
     #[prost(enumeration = "DeltaMode", tag = "10")]
     pub delta: i32,
