@@ -149,6 +149,7 @@ impl Node {
             .await
             .with_context(|| format!("bind data listener {}", ncfg.listen))?;
         let data_addr = listener.local_addr()?;
+        fs::file_io::install(fs::FileIo::start(ncfg.file_io, ncfg.direct_io));
         let sets = ncfg
             .content_sets
             .iter()
@@ -306,6 +307,8 @@ impl Node {
             "content_sets": sets,
             "errors": *self.errors.lock().unwrap(),
             "capture": self.capture.lock().unwrap().as_ref().map(|c| c.status()),
+            "file_io": fs::file_io::current().name(),
+            "file_io_detail": fs::file_io::current().status(),
         })
     }
 
