@@ -36,6 +36,13 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Held by every test that registers buffers: without `CAP_IPC_LOCK` they count
+/// against an 8 MiB `RLIMIT_MEMLOCK`, which tests running side by side would exceed.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn uring(cfg: UringConfig, direct: bool) -> FileIo {
     let io = FileIo::from_probe(
         FileIoChoice::IoUring,
@@ -96,6 +103,7 @@ fn wait_all_free(io: &FileIo) {
 
 #[test]
 fn every_size_reads_the_same_as_read2() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let sizes = [
         0,
@@ -146,6 +154,7 @@ fn every_size_reads_the_same_as_read2() {
 
 #[test]
 fn read_chunk_and_next_chunk_mix() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let want = noise(7, 2 * CHUNK + 5000);
     std::fs::write(dir.path().join("f"), &want).unwrap();
@@ -169,6 +178,7 @@ fn read_chunk_and_next_chunk_mix() {
 
 #[test]
 fn a_file_changed_while_read_is_refused() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let size = 3 * CHUNK + 17;
     let root = Root::open(dir.path()).unwrap();
@@ -225,6 +235,7 @@ fn a_file_changed_while_read_is_refused() {
 
 #[test]
 fn dropping_a_reader_mid_file_returns_its_buffers() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let big = noise(11, 40 * CHUNK + 99);
     let other = noise(12, 9 * CHUNK + 1);
@@ -255,6 +266,7 @@ fn dropping_a_reader_mid_file_returns_its_buffers() {
 
 #[test]
 fn exhausted_pools_fall_back_to_read2_per_file() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let want = noise(5, 6 * CHUNK);
     std::fs::write(dir.path().join("f"), &want).unwrap();
@@ -292,6 +304,7 @@ fn exhausted_pools_fall_back_to_read2_per_file() {
 
 #[test]
 fn readers_on_many_threads_share_the_workers() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let files: Vec<Vec<u8>> = (0..8)
         .map(|i| noise(100 + i, (i as usize + 1) * CHUNK / 3 * 7))
@@ -303,7 +316,7 @@ fn readers_on_many_threads_share_the_workers() {
     let io = uring(
         UringConfig {
             threads: 2,
-            buffers_per_thread: 12,
+            buffers_per_thread: 8,
             read_ahead: 3,
         },
         false,
@@ -449,6 +462,7 @@ fn deny_io_uring_setup() {
 
 #[test]
 fn a_filesystem_refusing_o_direct_is_read_buffered() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let want = noise(21, 2 * CHUNK + 1);
     std::fs::write(dir.path().join("f"), &want).unwrap();
@@ -476,6 +490,7 @@ fn ramfs_refuses_o_direct_for_real() {
         eprintln!("ramfs_refuses_o_direct_for_real: needs root to mount ramfs");
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path();
     let ok = std::process::Command::new("mount")
