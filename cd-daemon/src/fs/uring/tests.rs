@@ -519,3 +519,124 @@ fn ramfs_refuses_o_direct_for_real() {
     assert_eq!(io.direct().unwrap().refused().len(), 1);
     drop(root);
 }
+
+/// Sequential read throughput of one large file through [`SendFile`] (hashing
+/// included, as when sending): `read(2)` vs io_uring vs io_uring `O_DIRECT`, warm and
+/// (as root, after dropping the page cache) cold. Prints MiB/s; asserts only content.
+///
+/// ```text
+/// cargo test --release -p cd-daemon --lib throughput -- --ignored --nocapture
+/// ```
+///
+/// `CDSYNC_BENCH_DIR` (default: the temp dir), `CDSYNC_BENCH_MIB` (default 1024) and
+/// `CDSYNC_BENCH_READ_AHEAD` (default 4) choose where, how big and how deep.
+#[test]
+#[ignore = "a measurement, not a check: run by hand"]
+fn throughput_of_a_large_file() {
+    let _serial = serial();
+    let mib: usize = std::env::var("CDSYNC_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let base = std::env::var_os("CDSYNC_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let path = dir.path().join("big");
+    {
+        let block = noise(42, 4 << 20);
+        let mut f = std::fs::File::create(&path).unwrap();
+        for i in 0..mib / 4 {
+            let mut b = block.clone();
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            f.write_all(&b).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let size = (mib / 4 * 4) << 20;
+    let root = Root::open(dir.path()).unwrap();
+    let cold_ok = rustix::process::geteuid().is_root();
+    let drop_caches = || {
+        rustix::fs::sync();
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    };
+    let mut cfg = UringConfig::default();
+    if let Some(n) = std::env::var("CDSYNC_BENCH_READ_AHEAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.read_ahead = n;
+        cfg.buffers_per_thread = cfg.buffers_per_thread.max(n + 1);
+    }
+    let sync = FileIo::sync();
+    let buffered = uring(cfg, false);
+    let direct = uring(cfg, true);
+    let mut want = None;
+    let mut run = |io: &FileIo, buf_len: usize, cold: bool| -> f64 {
+        if cold {
+            drop_caches();
+        }
+        let t = Instant::now();
+        let mut f = SendFile::open_with(&root, &p("big"), io).unwrap();
+        let mut buf = vec![0u8; buf_len];
+        let mut n = 0;
+        loop {
+            let k = if buf_len == 0 {
+                f.next_chunk().unwrap().len()
+            } else {
+                f.read_chunk(&mut buf).unwrap()
+            };
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        let sent = f.finish().unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(n, size);
+        assert_eq!(*want.get_or_insert(sent.hash), sent.hash);
+        size as f64 / (1 << 20) as f64 / secs
+    };
+    // Warm the cache once.
+    run(&sync, CHUNK, false);
+    let h = Instant::now();
+    let chunk = vec![7u8; CHUNK];
+    let mut hasher = blake3::Hasher::new();
+    for _ in 0..size / CHUNK {
+        hasher.update(&chunk);
+    }
+    let _ = hasher.finalize();
+    println!(
+        "{mib} MiB file, {} KiB chunks, {} reads ahead, BLAKE3 alone: {:.0} MiB/s",
+        CHUNK / 1024,
+        cfg.read_ahead,
+        size as f64 / (1 << 20) as f64 / h.elapsed().as_secs_f64()
+    );
+    let cases: [(&str, &FileIo, usize); 4] = [
+        ("read(2), read_chunk", &sync, CHUNK),
+        ("io_uring, read_chunk (copy)", &buffered, CHUNK),
+        ("io_uring, next_chunk (no copy)", &buffered, 0),
+        ("io_uring O_DIRECT, next_chunk", &direct, 0),
+    ];
+    for cold in [false, true] {
+        if cold && !cold_ok {
+            println!("cold: skipped (dropping the page cache needs root)");
+            continue;
+        }
+        for (name, io, buf_len) in cases {
+            let rates: Vec<f64> = (0..3).map(|_| run(io, buf_len, cold)).collect();
+            let mut sorted = rates.clone();
+            sorted.sort_by(f64::total_cmp);
+            println!(
+                "{:<5} {name:<32} median {:>6.0} MiB/s  (runs: {})",
+                if cold { "cold" } else { "warm" },
+                sorted[1],
+                rates
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+}
