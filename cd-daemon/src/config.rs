@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use crate::fs::FileIoChoice;
 use cd_core::filter::{CommandMask, Filter, FilterError, Pattern};
 use serde::Deserialize;
 use toml::Spanned;
@@ -125,6 +126,12 @@ pub struct NodeConfig {
     /// Sources this node accepts plaintext transfers from (content sets with
     /// `encryption = false`); `"*"` = any cluster member. Default: none.
     pub trusted_peers: Vec<String>,
+    /// How files are read for sending (`io_uring` falls back to `sync` where the
+    /// kernel refuses it).
+    pub file_io: FileIoChoice,
+    /// Read files for sending with `O_DIRECT` (io_uring only; filesystems that refuse
+    /// it are read buffered).
+    pub direct_io: bool,
 }
 
 /// A content set as a node sees it: where its root is on this machine.
@@ -212,6 +219,8 @@ struct RawNode {
     ring_buffer_mib: Option<Spanned<i64>>,
     ktls: Option<bool>,
     trusted_peers: Option<Vec<Spanned<String>>>,
+    file_io: Option<Spanned<String>>,
+    direct_io: Option<Spanned<bool>>,
     #[serde(default)]
     content_sets: Vec<RawNodeSet>,
 }
@@ -500,6 +509,26 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 }
                 trusted_peers.push(t.get_ref().clone());
             }
+            let file_io = match n.file_io.as_ref().map(|c| (c.get_ref().as_str(), c.span())) {
+                None | Some(("io_uring", _)) => FileIoChoice::IoUring,
+                Some(("sync", _)) => FileIoChoice::Sync,
+                Some((other, span)) => {
+                    return Err(err(
+                        span,
+                        format!("file_io `{other}` is not one of io_uring, sync"),
+                    ));
+                }
+            };
+            let direct_io = match &n.direct_io {
+                Some(d) if *d.get_ref() && file_io == FileIoChoice::Sync => {
+                    return Err(err(
+                        d.span(),
+                        "direct_io needs file_io = \"io_uring\"".into(),
+                    ));
+                }
+                Some(d) => *d.get_ref(),
+                None => false,
+            };
             Some(NodeConfig {
                 master_addr: n.master_addr.get_ref().clone(),
                 master_name: n.master_name.get_ref().clone(),
@@ -511,6 +540,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 ring_buffer_mib,
                 ktls: n.ktls.unwrap_or(true),
                 trusted_peers,
+                file_io,
+                direct_io,
             })
         }
     };
@@ -849,6 +880,40 @@ root = "/srv/www"
         assert_eq!(e.line, 11, "{e}");
         let e = p(&format!("{MASTER_SET}zstd_level = -1\n")).unwrap_err();
         assert!(e.reason.contains("0..=19"), "{e}");
+    }
+
+    #[test]
+    fn file_io_options_are_validated() {
+        let n = p(GOOD).unwrap().node.unwrap();
+        assert_eq!((n.file_io, n.direct_io), (FileIoChoice::IoUring, false));
+        let with = |extra: &str| {
+            p(&GOOD.replace(
+                "join_token = \"cdj1.x\"",
+                &format!("join_token = \"cdj1.x\"\n{extra}"),
+            ))
+        };
+        let n = with("file_io = \"sync\"").unwrap().node.unwrap();
+        assert_eq!((n.file_io, n.direct_io), (FileIoChoice::Sync, false));
+        let n = with("direct_io = true").unwrap().node.unwrap();
+        assert_eq!((n.file_io, n.direct_io), (FileIoChoice::IoUring, true));
+        for (extra, line, why) in [
+            (
+                "file_io = \"uring\"",
+                10,
+                "file_io `uring` is not one of io_uring, sync",
+            ),
+            (
+                "file_io = \"sync\"\ndirect_io = true",
+                11,
+                "direct_io needs",
+            ),
+            ("direct_io = 1", 10, "invalid type"),
+            ("direct_i0 = true", 10, "unknown field"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.reason.contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub const SIGNATURE_CACHE_BYTES: usize = 64 << 20;
 pub const PATCH_MEMO_BYTES: usize = 256 << 20;
 /// Entries the signature cache and the patch memo keep at most, whatever their size.
 const MAX_ENTRIES: usize = 4096;
-/// Read size while generating, signing and applying.
+/// Read size while applying.
 const IO_CHUNK: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -237,15 +237,14 @@ fn generate(
     let mut g = Generator::new(sig);
     let mut patch = Vec::new();
     delta::write_header(sig.base(), &mut patch);
-    let mut buf = vec![0u8; IO_CHUNK];
     loop {
-        let n = f.read_chunk(&mut buf)?;
-        if n == 0 {
+        let chunk = f.next_chunk()?;
+        if chunk.is_empty() {
             break;
         }
-        g.handle_data(&buf[..n]);
+        g.handle_data(chunk);
         if let Some(b) = next_sig.as_mut() {
-            b.handle_data(&buf[..n]);
+            b.handle_data(chunk);
         }
         while let Some(op) = g.poll_op() {
             op.write_to(&mut patch);
@@ -305,13 +304,12 @@ pub fn base_signature(
     let Ok(mut b) = SignatureBuilder::new(base_size) else {
         return Ok(None);
     };
-    let mut buf = vec![0u8; IO_CHUNK];
     loop {
-        let n = f.read_chunk(&mut buf)?;
-        if n == 0 {
+        let chunk = f.next_chunk()?;
+        if chunk.is_empty() {
             break;
         }
-        b.handle_data(&buf[..n]);
+        b.handle_data(chunk);
     }
     match f.finish() {
         Ok(sent) if sent.hash == base_hash => Ok(b.finish().ok()),

@@ -168,6 +168,7 @@ impl Node {
         // Before any file is sent under a lease (see fs::snapshot).
         fs::snapshot::init_lease_signal();
         let data_addr = listener.local_addr()?;
+        fs::file_io::install(fs::FileIo::start(ncfg.file_io, ncfg.direct_io));
         let sets = ncfg
             .content_sets
             .iter()
@@ -334,6 +335,8 @@ impl Node {
                 "ktls": self.transport.status(),
                 "links": *self.links.lock().unwrap(),
             },
+            "file_io": fs::file_io::current().name(),
+            "file_io_detail": fs::file_io::current().status(),
         })
     }
 

@@ -223,7 +223,6 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 
     let started = Instant::now();
     let mut paced: u64 = 0;
-    let mut buf = vec![0u8; cd_proto::frame::MAX_CHUNK_RAW];
     for Checked {
         need, path, want, ..
     } in checked
@@ -313,19 +312,20 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             .await?;
             let mut read_err = None;
             loop {
-                let n = match tokio::task::block_in_place(|| f.read_chunk(&mut buf)) {
-                    Ok(n) => n,
+                // With io_uring the chunk is the registered buffer the kernel read
+                // into: no copy on the way to the socket.
+                let chunk = match tokio::task::block_in_place(|| f.next_chunk()) {
+                    Ok(c) => c,
                     Err(e) => {
                         read_err = Some(e);
                         break;
                     }
                 };
-                if n == 0 {
+                if chunk.is_empty() {
                     break;
                 }
-                st.wire_bytes += conn
-                    .send_data(need.file_id, &buf[..n], out.zstd_level)
-                    .await?;
+                let n = chunk.len();
+                st.wire_bytes += conn.send_data(need.file_id, chunk, out.zstd_level).await?;
                 paced += n as u64;
                 pace(started, paced, out.max_rate_bytes_per_sec).await;
             }

@@ -122,6 +122,11 @@ fn cluster_replicates_tree_exactly() {
     // First sync: everything travels.
     let r1 = sync_ok(&c);
     assert_eq!(r1["content_set"], "www", "{r1}");
+    // The source read it all through io_uring (this kernel allows it), or says why not.
+    let status = c.status(c.source()).unwrap();
+    let io = &status["node"]["file_io_detail"];
+    assert_eq!(status["node"]["file_io"], "io_uring", "{io}");
+    assert_eq!(io["fallback_reason"], Value::Null, "{io}");
     for t in c.targets() {
         // Empty replicas: (nearly) all content travels; empty files need no content.
         let sent = target_counter(&r1, &t, "files_sent");

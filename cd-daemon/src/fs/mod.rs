@@ -11,6 +11,9 @@
 //!   it is read, which fails if the file changed underneath.
 //! - [`Snapshot`]: the sender side for `sendfile`, a file pinned (reflink clone or
 //!   read lease) so that it cannot change while the kernel sends it.
+//! - [`FileIo`]: how `SendFile` reads, chosen once per process: io_uring worker
+//!   threads with registered buffers and read-ahead ([`uring`]), optionally
+//!   `O_DIRECT`, or `read(2)` where io_uring is unavailable or not wanted.
 //! - [`Stage`]: the receiver side, a private per-transfer directory where
 //!   received content is written and verified by hash.
 //! - [`apply()`]: runs a plan's steps against the root.
@@ -89,18 +92,21 @@ use rustix::io::Errno;
 
 pub mod apply;
 pub mod base;
+pub mod file_io;
 pub mod index;
 pub mod read;
 pub mod scan;
 pub mod snapshot;
 pub mod stage;
 mod sys;
+pub mod uring;
 
 #[cfg(test)]
 mod tests;
 
 pub use apply::{ApplyOptions, ApplyReport, apply};
 pub use base::BaseFile;
+pub use file_io::{FileIo, FileIoChoice};
 pub use index::HashIndex;
 pub use read::{SendFile, SentFile};
 pub use scan::{ScanStats, SubtreeScan, scan, scan_subtree};

@@ -9,24 +9,44 @@
 //! actually sent, so a receiver that verifies it never keeps a torn copy.
 //!
 //! Paths inside `.cdsync` are refused: a peer can never read the stage or the index.
+//!
+//! Content is read through the process's [`FileIo`] ([`file_io::current`], or the one
+//! given to [`SendFile::open_with`]): with io_uring, a [`UringReader`] keeps several
+//! chunks in flight in registered buffers (and, if configured, reads `O_DIRECT`);
+//! otherwise `read(2)`. Either way the bytes handed out, their hash and the checks of
+//! [`SendFile::finish`] are the same. [`SendFile::next_chunk`] hands out a chunk
+//! without copying it (with io_uring, straight from the registered buffer);
+//! [`SendFile::read_chunk`] copies into the caller's buffer. They may be mixed.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use cd_core::manifest::Hash;
 use cd_core::path::RelPath;
 use rustix::fs::OFlags;
 
+use super::file_io::{self, FileIo};
 use super::sys::{self, Kind, StatInfo};
+use super::uring::{self, UringReader};
 use super::{FsError, Root};
 
 /// A regular file opened for sending. See the module docs.
 #[derive(Debug)]
 pub struct SendFile {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     path: RelPath,
     st: StatInfo,
     hasher: blake3::Hasher,
     read: u64,
+    source: Source,
+}
+
+/// Where the bytes come from.
+#[derive(Debug)]
+enum Source {
+    /// `read(2)`; the buffer is for [`SendFile::next_chunk`], allocated on first use.
+    Sync(Vec<u8>),
+    Uring(UringReader),
 }
 
 /// What was sent: size and hash of the bytes read, and the attributes of the file.
@@ -46,6 +66,12 @@ impl SendFile {
     /// Opens `path` for sending. Fails with [`FsError::Escape`] if any component is a
     /// symlink, [`FsError::WrongType`] if it is not a regular file.
     pub fn open(root: &Root, path: &RelPath) -> Result<SendFile, FsError> {
+        SendFile::open_with(root, path, file_io::current())
+    }
+
+    /// As [`open`](Self::open), reading through `io` rather than the process's
+    /// installed read path.
+    pub fn open_with(root: &Root, path: &RelPath, io: &FileIo) -> Result<SendFile, FsError> {
         const OP: &str = "open for sending";
         let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
         let fd = match root.open_beneath(OP, Some(path), base | OFlags::NOATIME) {
@@ -63,12 +89,35 @@ impl SendFile {
                 found: st.kind().name(),
             });
         }
+        let fd = Arc::new(fd);
+        let source = match io.uring() {
+            Some(svc) => match svc.reader(fd.clone(), st.size) {
+                Some(mut r) => {
+                    // O_NONBLOCK was for the open (a FIFO in the file's place); io_uring
+                    // would turn it into -EAGAIN on filesystems without async reads.
+                    uring::set_flags(fd.as_fd(), OFlags::empty(), OFlags::NONBLOCK)
+                        .map_err(|e| FsError::io("fcntl", path, e))?;
+                    if let Some(policy) = io.direct()
+                        && policy.enable(fd.as_fd(), st.dev, path)
+                    {
+                        r.set_direct(policy.clone(), st.dev);
+                    }
+                    Source::Uring(r)
+                }
+                None => {
+                    io.note_sync_file();
+                    Source::Sync(Vec::new())
+                }
+            },
+            None => Source::Sync(Vec::new()),
+        };
         Ok(SendFile {
             fd,
             path: path.clone(),
             st,
             hasher: blake3::Hasher::new(),
             read: 0,
+            source,
         })
     }
 
@@ -82,12 +131,70 @@ impl SendFile {
         self.st.size
     }
 
+    /// True when content comes through io_uring (false: `read(2)`).
+    pub fn via_io_uring(&self) -> bool {
+        matches!(self.source, Source::Uring(_))
+    }
+
+    /// True when the descriptor is open `O_DIRECT`.
+    #[cfg(test)]
+    pub(crate) fn is_direct(&self) -> bool {
+        rustix::fs::fcntl_getfl(&self.fd)
+            .unwrap()
+            .contains(OFlags::DIRECT)
+    }
+
     /// Reads the next bytes into `buf`; 0 means end of file.
     pub fn read_chunk(&mut self, buf: &mut [u8]) -> Result<usize, FsError> {
-        let n = sys::read(self.fd.as_fd(), buf).map_err(|e| FsError::io("read", &self.path, e))?;
+        let n = match &mut self.source {
+            Source::Sync(_) => {
+                sys::read(self.fd.as_fd(), buf).map_err(|e| FsError::io("read", &self.path, e))?
+            }
+            Source::Uring(r) => {
+                if buf.is_empty()
+                    || !r
+                        .fill(&self.path)
+                        .map_err(|e| FsError::io("read", &self.path, e))?
+                {
+                    return Ok(0);
+                }
+                let b = r.take(buf.len());
+                buf[..b.len()].copy_from_slice(b);
+                b.len()
+            }
+        };
         self.hasher.update(&buf[..n]);
         self.read += n as u64;
         Ok(n)
+    }
+
+    /// Reads the next chunk (at most [`uring::CHUNK`] bytes) and lends it; empty
+    /// means end of file. With io_uring the slice is the registered buffer the kernel
+    /// read into, so nothing is copied; it is valid until the next call. Hashed and
+    /// counted like [`read_chunk`](Self::read_chunk).
+    pub fn next_chunk(&mut self) -> Result<&[u8], FsError> {
+        let chunk: &[u8] = match &mut self.source {
+            Source::Sync(buf) => {
+                if buf.is_empty() {
+                    buf.resize(uring::CHUNK, 0);
+                }
+                let n = sys::read(self.fd.as_fd(), buf)
+                    .map_err(|e| FsError::io("read", &self.path, e))?;
+                &buf[..n]
+            }
+            Source::Uring(r) => {
+                if !r
+                    .fill(&self.path)
+                    .map_err(|e| FsError::io("read", &self.path, e))?
+                {
+                    return Ok(&[]);
+                }
+                r.take(usize::MAX)
+            }
+        };
+        self.hasher.update(chunk);
+        self.read += chunk.len() as u64;
+        Ok(chunk)
     }
 
     /// Checks the file did not change while it was read and returns what was sent.
