@@ -35,5 +35,7 @@ pub mod filter;
 pub mod manifest;
 pub mod path;
 pub mod plan;
+pub mod route;
 #[cfg(test)]
 mod testutil;
+pub mod topology;
