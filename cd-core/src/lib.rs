@@ -27,11 +27,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod catchup;
 pub mod changeset;
 pub mod coalesce;
 pub mod delta;
 pub mod event;
 pub mod filter;
+pub mod lww;
 pub mod manifest;
 pub mod path;
 pub mod plan;
