@@ -24,16 +24,32 @@
 //!   whole-file-or-delta decision.
 //! - [`changeset`]: a numbered batch of changes from one origin; the carrier that both
 //!   manual sync (a full manifest) and real-time capture (incremental operations) feed.
+//! - [`topology`]: the Region → Group → Server tree with capacity weights, validated
+//!   from config; the [`LinkClass`](topology::LinkClass) of a link (same group, same
+//!   region, international) and what "nearest" means.
+//! - [`route`]: the distribution tree of a (content set, source) from topology, health
+//!   and manual routes: one copy per group of the source's region and one per other
+//!   region, heads forward within their group under a fan-out bound, degraded and down
+//!   nodes never relay, failover by recomputation. The master pushes each node its
+//!   children.
+//! - [`catchup`]: when a recovered node catches up (at once, at a scheduled time, on
+//!   command), and that it does not relay until then.
+//! - [`lww`]: N:M content sets: hybrid logical clocks, version vectors, and
+//!   last-writer-wins per path with conflict records for the job log.
 
 #![forbid(unsafe_code)]
 
+pub mod catchup;
 pub mod changeset;
 pub mod coalesce;
 pub mod delta;
 pub mod event;
 pub mod filter;
+pub mod lww;
 pub mod manifest;
 pub mod path;
 pub mod plan;
+pub mod route;
 #[cfg(test)]
 mod testutil;
+pub mod topology;
