@@ -255,12 +255,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Ok(delta::Outcome::Changed) => {
                     st.changed_since_scan += 1;
-                    conn.send(Msg::FileAbort(pb::FileAbort {
-                        file_id: need.file_id,
-                        reason: "changed since scan".into(),
-                        retrying: false,
-                    }))
-                    .await?;
+                    abort(conn, need.file_id, "changed since scan", false).await?;
                     continue;
                 }
                 Ok(delta::Outcome::Whole) => {}
@@ -295,12 +290,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(e) => {
                     tracing::info!(path = %path, error = %e, "file vanished or changed type before sending");
                     st.changed_since_scan += 1;
-                    conn.send(Msg::FileAbort(pb::FileAbort {
-                        file_id: need.file_id,
-                        reason: e.to_string(),
-                        retrying: false,
-                    }))
-                    .await?;
+                    abort(conn, need.file_id, e.to_string(), false).await?;
                     break;
                 }
             };
@@ -345,24 +335,14 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                     // A consistent copy, but not the content the manifest promised: the
                     // file changed after the scan. The next round ships it.
                     st.changed_since_scan += 1;
-                    conn.send(Msg::FileAbort(pb::FileAbort {
-                        file_id: need.file_id,
-                        reason: "changed since scan".into(),
-                        retrying: false,
-                    }))
-                    .await?;
+                    abort(conn, need.file_id, "changed since scan", false).await?;
                     break;
                 }
                 Err(e) => {
                     st.resent += 1;
                     let retrying = attempt < READ_ATTEMPTS;
                     tracing::info!(path = %path, error = %e, retrying, "file changed while being read");
-                    conn.send(Msg::FileAbort(pb::FileAbort {
-                        file_id: need.file_id,
-                        reason: e.to_string(),
-                        retrying,
-                    }))
-                    .await?;
+                    abort(conn, need.file_id, e.to_string(), retrying).await?;
                     if !retrying {
                         st.changed_since_scan += 1;
                         break;
@@ -382,6 +362,22 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             msg_name(&m)
         ))),
     }
+}
+
+/// Tells the replica to drop file `file_id`; `retrying`: a fresh `FileBegin` follows.
+async fn abort<S: AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    file_id: u32,
+    reason: impl Into<String>,
+    retrying: bool,
+) -> Result<(), TransferError> {
+    conn.send(Msg::FileAbort(pb::FileAbort {
+        file_id,
+        reason: reason.into(),
+        retrying,
+    }))
+    .await?;
+    Ok(())
 }
 
 /// A need the source checked against what it announced.

@@ -7,13 +7,11 @@
 //! source announced, so a base that changed after its signature was made can only
 //! cost a file, never install a wrong one.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
-use cd_core::path::RelPath;
-use rustix::fs::OFlags;
-
-use super::sys::{self, Kind};
+use super::sys;
 use super::{FsError, Root};
+use cd_core::path::RelPath;
 
 /// A regular file opened for reading at offsets.
 #[derive(Debug)]
@@ -25,18 +23,7 @@ pub struct BaseFile {
 
 impl BaseFile {
     pub fn open(root: &Root, path: &RelPath) -> Result<BaseFile, FsError> {
-        const OP: &str = "open delta base";
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
-        let fd = root.open_beneath(OP, Some(path), flags)?;
-        let st = sys::fstat(fd.as_fd()).map_err(|e| FsError::io("stat", path, e))?;
-        if st.kind() != Kind::File {
-            return Err(FsError::WrongType {
-                op: OP,
-                path: path.display(),
-                expected: Kind::File.name(),
-                found: st.kind().name(),
-            });
-        }
+        let (fd, st) = root.open_file("open delta base", path)?;
         Ok(BaseFile {
             fd,
             path: path.clone(),

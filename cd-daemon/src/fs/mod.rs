@@ -334,6 +334,34 @@ impl Root {
         }
     }
 
+    /// Opens the regular file at `path` for reading (beneath the root, no symlinks,
+    /// `O_NONBLOCK` so a FIFO swapped in cannot block; `O_NOATIME` where the kernel
+    /// allows it) and `fstat`s it. Anything but a regular file is
+    /// [`FsError::WrongType`]. Shared by the sender, the delta base and the snapshot.
+    pub(crate) fn open_file(
+        &self,
+        op: &'static str,
+        path: &RelPath,
+    ) -> Result<(OwnedFd, sys::StatInfo), FsError> {
+        let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let fd = match self.open_beneath(op, Some(path), base | OFlags::NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                self.open_beneath(op, Some(path), base)?
+            }
+            r => r?,
+        };
+        let st = sys::fstat(fd.as_fd()).map_err(|e| FsError::io("stat", path, e))?;
+        if st.kind() != sys::Kind::File {
+            return Err(FsError::WrongType {
+                op,
+                path: path.display(),
+                expected: sys::Kind::File.name(),
+                found: st.kind().name(),
+            });
+        }
+        Ok((fd, st))
+    }
+
     /// Opens the directory a path lives in (`O_PATH`), for use with the `*at` calls on
     /// [`RelPath::file_name`].
     pub(crate) fn open_parent(&self, op: &'static str, path: &RelPath) -> Result<OwnedFd, FsError> {

@@ -26,7 +26,7 @@ use cd_core::path::RelPath;
 use rustix::fs::OFlags;
 
 use super::file_io::{self, FileIo};
-use super::sys::{self, Kind, StatInfo};
+use super::sys::{self, StatInfo};
 use super::uring::{self, UringReader};
 use super::{FsError, Root};
 
@@ -72,23 +72,7 @@ impl SendFile {
     /// As [`open`](Self::open), reading through `io` rather than the process's
     /// installed read path.
     pub fn open_with(root: &Root, path: &RelPath, io: &FileIo) -> Result<SendFile, FsError> {
-        const OP: &str = "open for sending";
-        let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
-        let fd = match root.open_beneath(OP, Some(path), base | OFlags::NOATIME) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                root.open_beneath(OP, Some(path), base)?
-            }
-            r => r?,
-        };
-        let st = sys::fstat(fd.as_fd()).map_err(|e| FsError::io("stat", path, e))?;
-        if st.kind() != Kind::File {
-            return Err(FsError::WrongType {
-                op: OP,
-                path: path.display(),
-                expected: Kind::File.name(),
-                found: st.kind().name(),
-            });
-        }
+        let (fd, st) = root.open_file("open for sending", path)?;
         let fd = Arc::new(fd);
         let source = match io.uring() {
             Some(svc) => match svc.reader(fd.clone(), st.size) {

@@ -37,7 +37,7 @@ use cd_core::manifest::{Meta, RESERVED_DIR};
 use cd_core::path::RelPath;
 use rustix::fs::{Mode, OFlags};
 
-use super::sys::{self, Kind, StatInfo};
+use super::sys::{self, StatInfo};
 use super::{FsError, Root};
 
 /// Set once a `SIGIO` handler is installed: leases are used only then.
@@ -95,24 +95,8 @@ impl Snapshot {
     /// pinned (the caller then reads it the ordinary way). Errors are those of opening:
     /// a missing file, a symlink, not a regular file.
     pub fn take(root: &Root, path: &RelPath) -> Result<Option<Snapshot>, FsError> {
-        const OP: &str = "open for sending";
-        let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
-        let source = match root.open_beneath(OP, Some(path), base | OFlags::NOATIME) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                root.open_beneath(OP, Some(path), base)?
-            }
-            r => r?,
-        };
+        let (source, st) = root.open_file("open for sending", path)?;
         let stat = |fd: BorrowedFd<'_>| sys::fstat(fd).map_err(|e| FsError::io("stat", path, e));
-        let st = stat(source.as_fd())?;
-        if st.kind() != Kind::File {
-            return Err(FsError::WrongType {
-                op: OP,
-                path: path.display(),
-                expected: Kind::File.name(),
-                found: st.kind().name(),
-            });
-        }
         if let Some(clone) = reflink(root, source.as_fd()) {
             // The clone is the version `st` describes only if nothing moved meanwhile.
             if stat(source.as_fd())?.same_version(&st) {
