@@ -17,14 +17,13 @@
 
 use std::time::Instant;
 
-use cd_core::manifest::{EntryKind, Hash};
-use cd_core::path::RelPath;
+use cd_core::manifest::{Entry, EntryKind, Hash};
 use cd_proto::pb::{self, envelope::Msg};
 use tokio::io::AsyncWrite;
 
 use crate::fs::{self, Snapshot};
 use crate::net::Conn;
-use crate::transfer::{OutBody, Outgoing, SendStats, TransferError};
+use crate::transfer::{Outgoing, SendStats, TransferError};
 
 /// Smallest file sent with `sendfile`.
 pub const SENDFILE_MIN: u64 = 16 * 1024;
@@ -42,22 +41,8 @@ pub enum ZeroCopied {
     Retry,
 }
 
-/// Size and mtime the source announced for `path`.
-fn announced(body: &OutBody, path: &RelPath) -> Option<(u64, i64, u32)> {
-    let entry = match body {
-        OutBody::Full(m) => m.get(path),
-        OutBody::Incremental { changes, .. } => changes.iter().rev().find_map(|c| match c {
-            cd_core::changeset::Change::Upsert(e) if &e.path == path => Some(e),
-            _ => None,
-        }),
-    }?;
-    match entry.kind {
-        EntryKind::File { size, .. } => Some((size, entry.meta.mtime_sec, entry.meta.mtime_nsec)),
-        _ => None,
-    }
-}
-
-/// The zero-copy branch for one needed file (see the module docs). `retrying`: whether
+/// The zero-copy branch for one needed file, `announced` (its manifest entry; see the
+/// module docs). `retrying`: whether
 /// an interrupted attempt may be retried. Updates `st` like the read path does, and
 /// paces with `paced` bytes sent since `started`.
 #[expect(
@@ -67,7 +52,7 @@ fn announced(body: &OutBody, path: &RelPath) -> Option<(u64, i64, u32)> {
 pub async fn try_send<S: AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     out: &Outgoing,
-    path: &RelPath,
+    announced: &Entry,
     file_id: u32,
     want: Hash,
     retrying: bool,
@@ -78,9 +63,11 @@ pub async fn try_send<S: AsyncWrite + Unpin>(
     if out.zstd_level != 0 || conn.zero_copy().is_none() {
         return Ok(ZeroCopied::NotUsed);
     }
-    let Some((size, mtime_sec, mtime_nsec)) = announced(&out.body, path) else {
+    let path = &announced.path;
+    let EntryKind::File { size, .. } = announced.kind else {
         return Ok(ZeroCopied::NotUsed);
     };
+    let (mtime_sec, mtime_nsec) = (announced.meta.mtime_sec, announced.meta.mtime_nsec);
     if size < SENDFILE_MIN {
         return Ok(ZeroCopied::NotUsed);
     }

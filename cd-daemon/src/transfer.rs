@@ -22,6 +22,7 @@
 //! content that differs from the manifest is aborted and left for the next round of
 //! the same job.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,18 +92,28 @@ pub enum OutBody {
 }
 
 impl OutBody {
-    /// The content hash and size the source announced for `path`, if any.
-    fn announced(&self, path: &RelPath) -> Option<(Hash, u64)> {
-        let file = |e: &Entry| match &e.kind {
-            EntryKind::File { hash, size, .. } => Some((*hash, *size)),
-            _ => None,
-        };
+    /// The regular files this body announces, by path: built once per transfer, so
+    /// checking each need costs a lookup, not a scan of an incremental body.
+    fn files(&self) -> HashMap<&RelPath, &Entry> {
+        let file = |e: &&Entry| matches!(e.kind, EntryKind::File { .. });
         match self {
-            OutBody::Full(m) => m.get(path).and_then(file),
-            OutBody::Incremental { changes, .. } => changes.iter().rev().find_map(|c| match c {
-                Change::Upsert(e) if &e.path == path => file(e),
-                _ => None,
-            }),
+            OutBody::Full(m) => m.iter().filter(file).map(|e| (&e.path, e)).collect(),
+            OutBody::Incremental { changes, .. } => {
+                let mut out = HashMap::new();
+                // The last change of a path decides what it is.
+                for c in changes.iter() {
+                    match c {
+                        Change::Upsert(e) if file(&e) => {
+                            out.insert(&e.path, e);
+                        }
+                        Change::Upsert(e) => {
+                            out.remove(&e.path);
+                        }
+                        _ => {}
+                    }
+                }
+                out
+            }
         }
     }
 }
@@ -190,13 +201,18 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 
     // Check every need before any work, and find which can go as deltas.
     let policy = DumpPolicy::default();
+    let files = out.body.files();
     let mut checked = Vec::with_capacity(needs.len());
     for need in needs {
         let path = RelPath::new(need.path.clone())
             .map_err(|e| TransferError::Protocol(format!("need for invalid path: {e}")))?;
         let want = cd_proto::convert::hash_from_bytes(&need.hash)
             .map_err(|e| TransferError::Protocol(format!("need for {path}: {e}")))?;
-        let Some((_, size)) = out.body.announced(&path).filter(|(h, _)| *h == want) else {
+        let Some(entry) = files
+            .get(&path)
+            .copied()
+            .filter(|e| e.hash() == Some(&want))
+        else {
             return Err(TransferError::Protocol(format!(
                 "replica asked for {path} with a hash the manifest does not have"
             )));
@@ -215,7 +231,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             need,
             path,
             want,
-            size,
+            entry,
             base,
         });
     }
@@ -224,7 +240,11 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     let started = Instant::now();
     let mut paced: u64 = 0;
     for Checked {
-        need, path, want, ..
+        need,
+        path,
+        want,
+        entry,
+        ..
     } in checked
     {
         if let Some(sig) = sigs.get(&need.file_id) {
@@ -270,7 +290,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             match crate::sendfile::try_send(
                 conn,
                 out,
-                &path,
+                entry,
                 need.file_id,
                 want,
                 attempt < READ_ATTEMPTS,
@@ -381,11 +401,12 @@ async fn abort<S: AsyncWrite + Unpin>(
 }
 
 /// A need the source checked against what it announced.
-struct Checked {
+struct Checked<'a> {
     need: pb::Need,
     path: RelPath,
     want: Hash,
-    size: u64,
+    /// What the source announced for the path (a regular file of content `want`).
+    entry: &'a Entry,
     /// The replica's version at the path, if it named one.
     base: Option<Base>,
 }
@@ -408,19 +429,22 @@ async fn signatures<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     out: &Outgoing,
     policy: &DumpPolicy,
-    checked: &[Checked],
+    checked: &[Checked<'_>],
     st: &mut SendStats,
-) -> Result<std::collections::HashMap<u32, Arc<Signature>>, TransferError> {
+) -> Result<HashMap<u32, Arc<Signature>>, TransferError> {
     use cd_core::delta::{Decision, decide};
-    let mut sigs = std::collections::HashMap::new();
+    let mut sigs = HashMap::new();
     let mut request = Vec::new();
     if out.delta != pb::DeltaMode::Never {
         for c in checked {
             let Some(base) = c.base else {
                 continue;
             };
-            if base.hash == c.want
-                || decide(policy, Some(base.size), c.size, None) != Decision::Delta
+            let size = match c.entry.kind {
+                EntryKind::File { size, .. } => size,
+                _ => continue,
+            };
+            if base.hash == c.want || decide(policy, Some(base.size), size, None) != Decision::Delta
             {
                 continue;
             }
