@@ -95,9 +95,19 @@ impl Snapshot {
     /// pinned (the caller then reads it the ordinary way). Errors are those of opening:
     /// a missing file, a symlink, not a regular file.
     pub fn take(root: &Root, path: &RelPath) -> Result<Option<Snapshot>, FsError> {
+        Self::take_with(root, path, true)
+    }
+
+    /// [`take`](Self::take), trying a reflink clone first only if `try_reflink` (the
+    /// tests pin with a lease on any filesystem with `false`).
+    fn take_with(
+        root: &Root,
+        path: &RelPath,
+        try_reflink: bool,
+    ) -> Result<Option<Snapshot>, FsError> {
         let (source, st) = root.open_file("open for sending", path)?;
         let stat = |fd: BorrowedFd<'_>| sys::fstat(fd).map_err(|e| FsError::io("stat", path, e));
-        if let Some(clone) = reflink(root, source.as_fd()) {
+        if let Some(clone) = try_reflink.then(|| reflink(root, source.as_fd())).flatten() {
             // The clone is the version `st` describes only if nothing moved meanwhile.
             if stat(source.as_fd())?.same_version(&st) {
                 return Ok(Some(Snapshot {
@@ -210,25 +220,18 @@ mod tests {
         RelPath::new(s).unwrap()
     }
 
-    /// Whether the test directory's filesystem can reflink (btrfs, XFS): then the
-    /// lease path is not what `take` picks.
-    fn reflinks(root: &Root) -> bool {
-        std::fs::write(root.path().join("probe"), b"x").unwrap();
-        let f = std::fs::File::open(root.path().join("probe")).unwrap();
-        reflink(root, f.as_fd()).is_some()
+    /// A snapshot pinned by a lease, never a reflink clone, whatever the filesystem.
+    fn lease_only(root: &Root, path: &str) -> Option<Snapshot> {
+        Snapshot::take_with(root, &p(path), false).unwrap()
     }
 
-    /// The lease decision, on a filesystem without reflinks: a file open for writing is
+    /// The lease decision (reflinks not tried, so it runs on any filesystem): a file open for writing is
     /// never pinned; one that is not gets a lease, which a writer's open breaks.
     #[tokio::test(flavor = "multi_thread")]
     async fn lease_only_when_nobody_writes() {
         assert!(init_lease_signal());
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path()).unwrap();
-        if reflinks(&root) {
-            eprintln!("the test directory reflinks; the lease decision is not exercised here");
-            return;
-        }
         let data = vec![5u8; 100_000];
         std::fs::write(dir.path().join("f"), &data).unwrap();
 
@@ -237,11 +240,11 @@ mod tests {
             .append(true)
             .open(dir.path().join("f"))
             .unwrap();
-        assert!(Snapshot::take(&root, &p("f")).unwrap().is_none());
+        assert!(lease_only(&root, "f").is_none());
         drop(writer);
 
         // Nobody writes: a lease, and the content is the file's.
-        let snap = Snapshot::take(&root, &p("f")).unwrap().expect("a lease");
+        let snap = lease_only(&root, "f").expect("a lease");
         assert_eq!(snap.pin(), Pin::Lease);
         assert_eq!(snap.size(), data.len() as u64);
         assert!(snap.intact());
@@ -283,12 +286,9 @@ mod tests {
         assert!(init_lease_signal());
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path()).unwrap();
-        if reflinks(&root) {
-            return;
-        }
         std::fs::write(dir.path().join("f"), vec![1u8; 1000]).unwrap();
         super::super::tests::set_mtime(&dir.path().join("f"), 1_000_000_000, 0);
-        let snap = Snapshot::take(&root, &p("f")).unwrap().expect("a lease");
+        let snap = lease_only(&root, "f").expect("a lease");
         // As if the break had timed out: release it behind the snapshot's back, then
         // write.
         lease::set_lease(snap.source.as_fd(), lease::Lease::Unlock).unwrap();
