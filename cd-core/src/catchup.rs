@@ -155,6 +155,17 @@ impl CatchUpScheduler {
         self.nodes.contains_key(&node)
     }
 
+    /// `node` waits for a command (or for its time, when the caller turns a schedule
+    /// into commands): it is not to be routed until then.
+    pub fn is_held(&self, node: ServerId) -> bool {
+        self.nodes.get(&node) == Some(&State::Waiting(None))
+    }
+
+    /// `node` caught up by other means (a full sync job reached it): nothing pending.
+    pub fn forget(&mut self, node: ServerId) {
+        self.nodes.remove(&node);
+    }
+
     /// Nodes that still have to catch up, in id order.
     pub fn pending(&self) -> impl Iterator<Item = ServerId> {
         self.nodes.keys().copied()
@@ -226,6 +237,21 @@ mod tests {
         assert_eq!(s.poll_due(600), Some(a));
         assert_eq!(s.route_health(a, Health::Degraded), Health::Degraded);
         assert_eq!(s.route_health(a, Health::Down), Health::Down);
+    }
+
+    #[test]
+    fn held_until_commanded_and_forgotten_when_caught_up_otherwise() {
+        let (a, b) = ids();
+        let mut s = CatchUpScheduler::new(CatchUpPolicy::OnCommand);
+        s.handle_recovered(a, 0);
+        s.handle_recovered(b, 0);
+        assert!(s.is_held(a) && s.is_held(b));
+        s.handle_command(Some(a), 10);
+        assert!(!s.is_held(a), "due: no longer held");
+        s.forget(b);
+        assert!(!s.is_pending(b) && !s.is_held(b));
+        assert_eq!(s.poll_due(10), Some(a));
+        assert_eq!(s.poll_due(10), None);
     }
 
     #[test]

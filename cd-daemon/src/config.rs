@@ -10,13 +10,14 @@
 //! against the machine (content roots exist and are directories, PKI files exist).
 //! `cdd check-config` runs both without starting anything.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use crate::fs::FileIoChoice;
 use cd_core::filter::{CommandMask, Filter, FilterError, Pattern};
+use cd_core::topology::{LinkClass, ServerSpec, Topology};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -50,6 +51,56 @@ pub struct MasterConfig {
     pub listen: SocketAddr,
     pub pki_dir: PathBuf,
     pub content_sets: Vec<MasterContentSet>,
+    /// The farm: every server's region, group and capacity weight (`[[master.servers]]`;
+    /// a node named in a content set but not here is in region and group `default`
+    /// with weight 1).
+    pub servers: Vec<ServerSpec>,
+    /// Policy per link class (`[master.link_classes.same_group]`, `same_region`,
+    /// `international`): overrides the content set's value for links of that class.
+    pub link_classes: BTreeMap<LinkClass, LinkPolicy>,
+}
+
+/// What a link class overrides of a content set's transfer policy (`None`: keep it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkPolicy {
+    pub zstd_level: Option<i32>,
+    pub max_rate_bytes_per_sec: Option<u64>,
+    pub delta: Option<DeltaMode>,
+    pub encryption: Option<bool>,
+}
+
+/// How a content set's changes travel from its source to its targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// Along the master's route tree: one copy per group (to its head) and per other
+    /// region (to the region head), relays forwarding (see `cd_core::route`).
+    #[default]
+    Relay,
+    /// Every target straight from the source (1:N).
+    Direct,
+}
+
+/// When a node that was down catches up (`catch_up = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CatchUp {
+    /// As soon as it is back.
+    #[default]
+    Immediate,
+    /// When an operator runs `cdctl catchup`.
+    Command,
+    /// At the next HH:MM, local time.
+    Daily { hour: u8, minute: u8 },
+}
+
+impl std::fmt::Display for CatchUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CatchUp::Immediate => f.write_str("immediate"),
+            CatchUp::Command => f.write_str("command"),
+            CatchUp::Daily { hour, minute } => write!(f, "at {hour:02}:{minute:02}"),
+        }
+    }
 }
 
 /// A content set as the master sees it: who is the source, who receives.
@@ -73,6 +124,15 @@ pub struct MasterContentSet {
     /// `include`, `exclude` and `commands`: what the set syncs and which changes it
     /// may make on its replicas (everything when none is given).
     pub filter: Filter,
+    pub routing: Routing,
+    /// Per-data-kind targeting (`[master.content_sets.target_filters.NODE]`): what
+    /// that target holds of the set. Its `include` replaces the set's (when given),
+    /// its `exclude` adds to the set's; the command mask is the set's. Such a target
+    /// never relays (it lacks what the others need).
+    pub target_filters: BTreeMap<String, Filter>,
+    /// Manual routes: target → the parent an operator chose (`routes = { b = "a" }`).
+    pub routes: BTreeMap<String, String>,
+    pub catch_up: CatchUp,
 }
 
 /// Whether a content set's changed files may travel as deltas.
@@ -175,6 +235,42 @@ struct RawMaster {
     pki_dir: Spanned<PathBuf>,
     #[serde(default)]
     content_sets: Vec<RawMasterSet>,
+    #[serde(default)]
+    servers: Vec<RawServer>,
+    link_classes: Option<RawLinkClasses>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetFilter {
+    include: Option<Vec<Spanned<String>>>,
+    exclude: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    name: Spanned<String>,
+    region: Spanned<String>,
+    group: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLinkClasses {
+    same_group: Option<RawLinkPolicy>,
+    same_region: Option<RawLinkPolicy>,
+    international: Option<RawLinkPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLinkPolicy {
+    zstd_level: Option<Spanned<i64>>,
+    max_rate_bytes_per_sec: Option<Spanned<i64>>,
+    delta: Option<Spanned<String>>,
+    encryption: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -191,6 +287,10 @@ struct RawMasterSet {
     include: Option<Vec<Spanned<String>>>,
     exclude: Option<Vec<Spanned<String>>>,
     commands: Option<RawCommands>,
+    routing: Option<Spanned<String>>,
+    target_filters: Option<BTreeMap<String, Spanned<RawTargetFilter>>>,
+    routes: Option<BTreeMap<String, Spanned<String>>>,
+    catch_up: Option<Spanned<String>>,
 }
 
 /// `commands = { create = true, update = true, delete = false, move = true, erase = false }`;
@@ -321,36 +421,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         ));
                     }
                 }
-                let zstd_level = match &s.zstd_level {
-                    None => 3,
-                    Some(l) if (0..=19).contains(l.get_ref()) => *l.get_ref() as i32,
-                    Some(l) => {
-                        return Err(err(
-                            l.span(),
-                            format!(
-                                "zstd_level {} is out of range 0..=19 (0 = no compression)",
-                                l.get_ref()
-                            ),
-                        ));
-                    }
-                };
-                let max_rate_bytes_per_sec = match &s.max_rate_bytes_per_sec {
-                    None => 0,
-                    Some(r) if *r.get_ref() >= 0 => *r.get_ref() as u64,
-                    Some(r) => {
-                        return Err(err(r.span(), "max_rate_bytes_per_sec must be >= 0".into()));
-                    }
-                };
-                let delta = match s.delta.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
-                    None | Some(("auto", _)) => DeltaMode::Auto,
-                    Some(("never", _)) => DeltaMode::Never,
-                    Some((other, span)) => {
-                        return Err(err(
-                            span,
-                            format!("delta `{other}` is not one of auto, never"),
-                        ));
-                    }
-                };
+                let zstd_level = zstd_level(&s.zstd_level, &err)?.unwrap_or(3);
+                let max_rate_bytes_per_sec =
+                    max_rate(&s.max_rate_bytes_per_sec, &err)?.unwrap_or(0);
+                let delta = delta_mode(&s.delta, &err)?.unwrap_or_default();
                 let mode = match s.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
                     None | Some(("manual", _)) => SyncMode::Manual,
                     Some(("realtime", _)) => SyncMode::Realtime,
@@ -360,6 +434,43 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                             format!("mode `{other}` is not one of manual, realtime"),
                         ));
                     }
+                };
+                let routing = match s.routing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None | Some(("relay", _)) => Routing::Relay,
+                    Some(("direct", _)) => Routing::Direct,
+                    Some((other, span)) => {
+                        return Err(err(
+                            span,
+                            format!("routing `{other}` is not one of relay, direct"),
+                        ));
+                    }
+                };
+                let mut routes = BTreeMap::new();
+                for (child, parent) in s.routes.iter().flatten() {
+                    let members = || {
+                        std::iter::once(s.source.get_ref())
+                            .chain(s.targets.get_ref().iter().map(|t| t.get_ref()))
+                    };
+                    if !s.targets.get_ref().iter().any(|t| t.get_ref() == child) {
+                        return Err(err(
+                            parent.span(),
+                            format!("routes: `{child}` is not a target of this content set"),
+                        ));
+                    }
+                    if !members().any(|m| m == parent.get_ref()) || parent.get_ref() == child {
+                        return Err(err(
+                            parent.span(),
+                            format!(
+                                "routes: the parent of `{child}` must be the source or another target, not `{}`",
+                                parent.get_ref()
+                            ),
+                        ));
+                    }
+                    routes.insert(child.clone(), parent.get_ref().clone());
+                }
+                let catch_up = match &s.catch_up {
+                    None => CatchUp::Immediate,
+                    Some(c) => parse_catch_up(c.get_ref()).map_err(|r| err(c.span(), r))?,
                 };
                 let patterns = |list: &'static str, raw: &Option<Vec<Spanned<String>>>| {
                     raw.iter()
@@ -396,14 +507,98 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     delta,
                     encryption: s.encryption.unwrap_or(true),
                     mode,
-                    filter: Filter::new(include, exclude, commands),
+                    filter: Filter::new(include.clone(), exclude.clone(), commands),
+                    target_filters: {
+                        let set_filter = Filter::new(include.clone(), exclude.clone(), commands);
+                        let mut out = BTreeMap::new();
+                        for (t, tf) in s.target_filters.iter().flatten() {
+                            if !s.targets.get_ref().iter().any(|x| x.get_ref() == t) {
+                                return Err(err(
+                                    tf.span(),
+                                    format!(
+                                        "target_filters: `{t}` is not a target of this content set"
+                                    ),
+                                ));
+                            }
+                            let ti = patterns("include", &tf.get_ref().include)?;
+                            let mut te = exclude.clone();
+                            te.extend(patterns("exclude", &tf.get_ref().exclude)?);
+                            let inc = if ti.is_empty() {
+                                set_filter.include().to_vec()
+                            } else {
+                                ti
+                            };
+                            out.insert(t.clone(), Filter::new(inc, te, commands));
+                        }
+                        out
+                    },
+                    routing,
+                    routes,
+                    catch_up,
                 });
             }
-            Some(MasterConfig {
+            // The farm: a topology cd_core accepts, over every server named anywhere.
+            let mut servers = Vec::new();
+            for sv in &m.servers {
+                check_name(sv.name.get_ref()).map_err(|r| err(sv.name.span(), r))?;
+                for (what, v) in [("region", &sv.region), ("group", &sv.group)] {
+                    check_name(v.get_ref()).map_err(|r| err(v.span(), format!("{what}: {r}")))?;
+                }
+                let weight = match &sv.weight {
+                    None => 1,
+                    Some(w) if (1..=1_000_000).contains(w.get_ref()) => *w.get_ref() as u32,
+                    Some(w) => {
+                        return Err(err(
+                            w.span(),
+                            format!("weight {} is out of range 1..=1000000", w.get_ref()),
+                        ));
+                    }
+                };
+                if servers
+                    .iter()
+                    .any(|x: &ServerSpec| &x.name == sv.name.get_ref())
+                {
+                    return Err(err(
+                        sv.name.span(),
+                        format!("server `{}` is listed twice", sv.name.get_ref()),
+                    ));
+                }
+                servers.push(ServerSpec::new(
+                    sv.name.get_ref(),
+                    sv.region.get_ref(),
+                    sv.group.get_ref(),
+                    weight,
+                ));
+            }
+            let mut link_classes = BTreeMap::new();
+            if let Some(lc) = &m.link_classes {
+                for (class, raw) in [
+                    (LinkClass::SameGroup, &lc.same_group),
+                    (LinkClass::SameRegion, &lc.same_region),
+                    (LinkClass::International, &lc.international),
+                ] {
+                    let Some(raw) = raw else { continue };
+                    link_classes.insert(
+                        class,
+                        LinkPolicy {
+                            zstd_level: zstd_level(&raw.zstd_level, &err)?,
+                            max_rate_bytes_per_sec: max_rate(&raw.max_rate_bytes_per_sec, &err)?,
+                            delta: delta_mode(&raw.delta, &err)?,
+                            encryption: raw.encryption,
+                        },
+                    );
+                }
+            }
+            let mc = MasterConfig {
                 listen,
                 pki_dir,
                 content_sets: sets,
-            })
+                servers,
+                link_classes,
+            };
+            mc.topology()
+                .map_err(|e| err(0..0, format!("[[master.servers]]: {e}")))?;
+            Some(mc)
         }
     };
 
@@ -719,6 +914,80 @@ pub fn filter_json(f: &Filter) -> serde_json::Value {
             "erase": m.erase,
         },
     })
+}
+
+impl MasterConfig {
+    /// The farm as cd_core sees it: the declared servers plus every node a content set
+    /// names (undeclared ones in region and group `default`, weight 1).
+    pub fn topology(&self) -> Result<Topology, cd_core::topology::TopologyError> {
+        let mut specs = self.servers.clone();
+        for set in &self.content_sets {
+            for n in std::iter::once(&set.source).chain(&set.targets) {
+                if !specs.iter().any(|s| &s.name == n) {
+                    specs.push(ServerSpec::new(n, "default", "default", 1));
+                }
+            }
+        }
+        Topology::new(specs)
+    }
+}
+
+/// `"immediate"`, `"command"` or `"at HH:MM"`.
+fn parse_catch_up(v: &str) -> Result<CatchUp, String> {
+    let bad = || format!("catch_up `{v}` is not one of immediate, command, \"at HH:MM\"");
+    match v {
+        "immediate" => Ok(CatchUp::Immediate),
+        "command" => Ok(CatchUp::Command),
+        _ => {
+            let hm = v.strip_prefix("at ").ok_or_else(bad)?;
+            let (h, m) = hm.trim().split_once(':').ok_or_else(bad)?;
+            let hour: u8 = h.parse().map_err(|_| bad())?;
+            let minute: u8 = m.parse().map_err(|_| bad())?;
+            if hour > 23 || minute > 59 || m.len() != 2 {
+                return Err(bad());
+            }
+            Ok(CatchUp::Daily { hour, minute })
+        }
+    }
+}
+
+type ErrAt<'a> = dyn Fn(Range<usize>, String) -> ConfigError + 'a;
+
+fn zstd_level(v: &Option<Spanned<i64>>, err: &ErrAt<'_>) -> Result<Option<i32>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(l) if (0..=19).contains(l.get_ref()) => Ok(Some(*l.get_ref() as i32)),
+        Some(l) => Err(err(
+            l.span(),
+            format!(
+                "zstd_level {} is out of range 0..=19 (0 = no compression)",
+                l.get_ref()
+            ),
+        )),
+    }
+}
+
+fn max_rate(v: &Option<Spanned<i64>>, err: &ErrAt<'_>) -> Result<Option<u64>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(r) if *r.get_ref() >= 0 => Ok(Some(*r.get_ref() as u64)),
+        Some(r) => Err(err(r.span(), "max_rate_bytes_per_sec must be >= 0".into())),
+    }
+}
+
+fn delta_mode(
+    v: &Option<Spanned<String>>,
+    err: &ErrAt<'_>,
+) -> Result<Option<DeltaMode>, ConfigError> {
+    match v.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+        None => Ok(None),
+        Some(("auto", _)) => Ok(Some(DeltaMode::Auto)),
+        Some(("never", _)) => Ok(Some(DeltaMode::Never)),
+        Some((other, span)) => Err(err(
+            span,
+            format!("delta `{other}` is not one of auto, never"),
+        )),
+    }
 }
 
 fn absolute(p: &Spanned<PathBuf>) -> Result<PathBuf, String> {

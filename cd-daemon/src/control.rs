@@ -18,8 +18,27 @@ use tokio::net::{UnixListener, UnixStream};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Sync { content_set: Option<String> },
-    TokenCreate { ttl_seconds: u64 },
+    Sync {
+        content_set: Option<String>,
+    },
+    TokenCreate {
+        ttl_seconds: u64,
+    },
+    /// The master's route table of a content set.
+    Routes {
+        content_set: Option<String>,
+    },
+    /// Start catch-ups waiting for a command (all, or one node's).
+    CatchUp {
+        node: Option<String>,
+    },
+    /// Deploy barrier: wait until every target holds change set `seq` (default: the
+    /// source's newest now).
+    Wait {
+        content_set: Option<String>,
+        seq: Option<u64>,
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ pub mod net;
 pub mod node;
 pub mod pki;
 pub mod realtime;
+pub mod routing;
 pub mod sendfile;
 pub mod shipped;
 pub mod transfer;
@@ -54,6 +55,33 @@ impl Handler for Daemon {
                     Ok(master::report_json(&r))
                 }
                 (None, None) => Err("no role".into()),
+            },
+            Request::Routes { content_set } => match &self.master {
+                Some(m) => m
+                    .routes_json(content_set.as_deref())
+                    .map_err(|e| format!("{e:#}")),
+                None => Err("routes are computed by the master".into()),
+            },
+            Request::Wait {
+                content_set,
+                seq,
+                timeout_ms,
+            } => match &self.master {
+                Some(m) => m
+                    .wait_consistent(
+                        content_set.as_deref(),
+                        seq,
+                        std::time::Duration::from_millis(timeout_ms),
+                    )
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+                None => Err("the deploy barrier runs on the master".into()),
+            },
+            Request::CatchUp { node } => match &self.master {
+                Some(m) => m
+                    .catch_up_command(node.as_deref())
+                    .map_err(|e| format!("{e:#}")),
+                None => Err("catch-ups are started on the master".into()),
             },
             Request::TokenCreate { ttl_seconds } => match &self.master {
                 Some(m) => m.create_token(ttl_seconds).map_err(|e| format!("{e:#}")),

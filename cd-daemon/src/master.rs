@@ -30,6 +30,7 @@ use crate::config::{Config, MasterConfig};
 use crate::net::{self, ServerConn};
 use crate::node::now_unix;
 use crate::pki::{self, CaSigner, Identity, TokenStore};
+use crate::routing::{Farm, FarmEvent, class_name};
 
 /// How long `cdctl sync` waits for a job.
 const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -45,8 +46,15 @@ struct Session {
     connected_unix: i64,
 }
 
-#[derive(Debug, Default)]
+/// Farm events kept in memory for `cdctl status` (the job log keeps them all).
+const EVENT_HISTORY: usize = 200;
+
+#[derive(Debug)]
 struct State {
+    /// Topology, health, progress and the routes computed from them.
+    farm: Farm,
+    /// The last farm events, newest last.
+    events: VecDeque<serde_json::Value>,
     sessions: BTreeMap<String, Session>,
     next_session: u64,
     next_job: u64,
@@ -89,11 +97,17 @@ impl Master {
             ca_pin: identity.ca_fingerprint(),
             tokens: Mutex::new(TokenStore::load(cfg.state_dir.join("tokens.json"))),
             state: Mutex::new(State {
+                farm: Farm::new(&mcfg)?,
+                events: VecDeque::new(),
+                sessions: BTreeMap::new(),
+                next_session: 0,
                 next_job: 1,
-                ..Default::default()
+                pending: HashMap::new(),
+                history: VecDeque::new(),
             }),
             cfg: mcfg,
         });
+        tokio::spawn(master.clone().farm_clock());
         tracing::info!(listen = %listen, "master started");
         tokio::spawn(
             master
@@ -137,27 +151,16 @@ impl Master {
             .iter()
             .map(|s| {
                 let last = st.history.iter().rev().find(|r| r.content_set == s.name).map(report_json);
-                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "filter": crate::config::filter_json(&s.filter), "last_job": last})
+                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "filter": crate::config::filter_json(&s.filter), "last_job": last, "routes": st.farm.routes_json(&s.name)})
             })
             .collect();
-        serde_json::json!({ "listen": self.listen.to_string(), "nodes": nodes, "content_sets": sets })
+        let events: Vec<&serde_json::Value> = st.events.iter().rev().take(50).collect();
+        serde_json::json!({ "listen": self.listen.to_string(), "nodes": nodes, "content_sets": sets, "events": events })
     }
 
     /// Runs a sync job for `set` (the only one when `None`) on its source; waits for the report.
     pub async fn run_job(&self, set: Option<&str>) -> anyhow::Result<serde_json::Value> {
-        let cs = match set {
-            Some(n) => self
-                .cfg
-                .content_sets
-                .iter()
-                .find(|s| s.name == n)
-                .with_context(|| format!("no content set `{n}`"))?,
-            None => match self.cfg.content_sets.as_slice() {
-                [one] => one,
-                [] => bail!("no content sets are configured"),
-                _ => bail!("several content sets are configured: name one"),
-            },
-        };
+        let cs = self.set_named(set)?;
         let (tx, rx) = oneshot::channel();
         let job_id = {
             let mut st = self.state.lock().unwrap();
@@ -193,16 +196,29 @@ impl Master {
                 bail!("job {job_id}: no report within {JOB_TIMEOUT:?}");
             }
         };
-        // Targets that were never reached still belong in the report.
+        // Targets that were never reached still belong in the report, with why.
         let mut report = report;
-        for t in &cs.targets {
-            if !report.targets.iter().any(|r| &r.target == t) && report.error.is_empty() {
-                report.targets.push(pb::TargetResult {
-                    target: t.clone(),
-                    ok: false,
-                    error: "not attempted".into(),
-                    ..Default::default()
-                });
+        {
+            let st = self.state.lock().unwrap();
+            let routes = st.farm.routes(&cs.name);
+            for t in &cs.targets {
+                if !report.targets.iter().any(|r| &r.target == t) && report.error.is_empty() {
+                    let error = match routes.and_then(|r| r.unreached.get(t)) {
+                        Some(why) => format!("not routed: {why}"),
+                        None => match routes.and_then(|r| r.parent(t)) {
+                            Some(p) => format!(
+                                "not attempted: its parent `{p}` did not pass the change set on"
+                            ),
+                            None => "not attempted".into(),
+                        },
+                    };
+                    report.targets.push(pb::TargetResult {
+                        target: t.clone(),
+                        ok: false,
+                        error,
+                        ..Default::default()
+                    });
+                }
             }
         }
         let ok = report.error.is_empty() && report.targets.iter().all(|t| t.ok);
@@ -232,34 +248,214 @@ impl Master {
             .content_sets
             .iter()
             .filter(|s| s.source == node || s.targets.iter().any(|t| t == node))
-            .map(|s| pb::ContentSetAssignment {
-                name: s.name.clone(),
-                is_source: s.source == node,
-                targets: if s.source == node {
-                    s.targets
-                        .iter()
-                        .map(|t| pb::Peer {
-                            name: t.clone(),
-                            data_addr: addr(t),
-                        })
-                        .collect()
-                } else {
-                    vec![]
-                },
-                zstd_level: s.zstd_level,
-                source: s.source.clone(),
-                max_rate_bytes_per_sec: s.max_rate_bytes_per_sec,
-                delta: match s.delta {
-                    crate::config::DeltaMode::Auto => pb::DeltaMode::Auto,
-                    crate::config::DeltaMode::Never => pb::DeltaMode::Never,
-                } as i32,
-                realtime: s.mode == crate::config::SyncMode::Realtime,
-                // Source and targets alike: both ends apply the filter.
-                filter: Some(pb::Filter::from(&s.filter)),
-                plaintext: !s.encryption,
+            .map(|s| {
+                let routes = st.farm.routes(&s.name);
+                // This node's children, each with the policy of its link class.
+                let targets = routes
+                    .map(|r| r.children(node))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(child, class)| {
+                        let p = self
+                            .cfg
+                            .link_classes
+                            .get(&class)
+                            .copied()
+                            .unwrap_or_default();
+                        pb::Peer {
+                            data_addr: addr(&child),
+                            link_class: class_name(class).to_owned(),
+                            zstd_level: p.zstd_level.unwrap_or(s.zstd_level),
+                            max_rate_bytes_per_sec: p
+                                .max_rate_bytes_per_sec
+                                .unwrap_or(s.max_rate_bytes_per_sec),
+                            delta: delta_pb(p.delta.unwrap_or(s.delta)) as i32,
+                            plaintext: !p.encryption.unwrap_or(s.encryption),
+                            catch_up: st.farm.catching_up(&s.name, &child),
+                            name: child,
+                        }
+                    })
+                    .collect();
+                pb::ContentSetAssignment {
+                    name: s.name.clone(),
+                    is_source: s.source == node,
+                    targets,
+                    zstd_level: s.zstd_level,
+                    source: s.source.clone(),
+                    max_rate_bytes_per_sec: s.max_rate_bytes_per_sec,
+                    delta: delta_pb(s.delta) as i32,
+                    realtime: s.mode == crate::config::SyncMode::Realtime,
+                    // Source and targets alike: both ends apply the filter (a target
+                    // with its own data kinds, its own).
+                    filter: Some(pb::Filter::from(
+                        s.target_filters.get(node).unwrap_or(&s.filter),
+                    )),
+                    plaintext: !s.encryption,
+                    parent: routes
+                        .and_then(|r| r.parent(node))
+                        .unwrap_or_default()
+                        .to_owned(),
+                }
             })
             .collect();
         pb::Assignment { content_sets }
+    }
+
+    /// Logs farm events and keeps them for `status`.
+    fn record_events(st: &mut State, events: Vec<FarmEvent>) {
+        for e in events {
+            tracing::info!(event = e.kind, node = %e.node, content_set = ?e.content_set, detail = %e.detail, "farm");
+            st.events.push_back(serde_json::json!({
+                "at_unix": now_unix(), "kind": e.kind, "node": e.node,
+                "content_set": e.content_set, "detail": e.detail,
+            }));
+            while st.events.len() > EVENT_HISTORY {
+                st.events.pop_front();
+            }
+        }
+    }
+
+    /// Applies a farm change under the state lock, logs its events and pushes the
+    /// assignments when anything happened.
+    fn farm_update(&self, f: impl FnOnce(&mut Farm) -> Vec<FarmEvent>) {
+        let events = {
+            let mut st = self.state.lock().unwrap();
+            let ev = f(&mut st.farm);
+            let any = !ev.is_empty();
+            Self::record_events(&mut st, ev);
+            any
+        };
+        if events {
+            self.push_assignments();
+        }
+    }
+
+    /// Runs due catch-ups and retries broken links when their time comes.
+    async fn farm_clock(self: Arc<Self>) {
+        loop {
+            let next = self.state.lock().unwrap().farm.next_tick();
+            let wait = next
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(20), Duration::from_secs(1));
+            tokio::time::sleep(wait).await;
+            self.farm_update(|f| f.tick(Instant::now()));
+        }
+    }
+
+    /// `cdctl routes`: the route table of one content set (the only one when `None`).
+    pub fn routes_json(&self, set: Option<&str>) -> anyhow::Result<serde_json::Value> {
+        let name = self.set_named(set)?.name.clone();
+        let st = self.state.lock().unwrap();
+        let mut v = st.farm.routes_json(&name).context("no routes")?;
+        if let Some(o) = v.as_object_mut() {
+            let progress: serde_json::Map<String, serde_json::Value> = self
+                .set_named(Some(&name))?
+                .targets
+                .iter()
+                .map(|t| {
+                    let p = st
+                        .farm
+                        .progress(t, &name)
+                        .map(|(o, q)| serde_json::json!({"origin": o, "seq": q}));
+                    (t.clone(), p.unwrap_or(serde_json::Value::Null))
+                })
+                .collect();
+            o.insert("held".into(), progress.into());
+        }
+        Ok(v)
+    }
+
+    /// `cdctl wait`: returns when every target of the set holds change set `seq` of
+    /// its source (or newer), `None` meaning the source's newest now; an error naming
+    /// the targets behind after `timeout`.
+    pub async fn wait_consistent(
+        &self,
+        set: Option<&str>,
+        seq: Option<u64>,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let cs = self.set_named(set)?.clone();
+        let started = Instant::now();
+        let want = match seq {
+            Some(q) => q,
+            None => {
+                let known = self.state.lock().unwrap().farm.source_seq(&cs.name);
+                known.with_context(|| {
+                    format!(
+                        "the source `{}` of `{}` has not reported yet",
+                        cs.source, cs.name
+                    )
+                })?
+            }
+        };
+        loop {
+            let behind: Vec<serde_json::Value> = {
+                let st = self.state.lock().unwrap();
+                cs.targets
+                    .iter()
+                    .filter_map(|t| {
+                        let held = st.farm.progress(t, &cs.name);
+                        let ok = held.is_some_and(|(o, q)| *o == cs.source && *q >= want);
+                        (!ok).then(|| serde_json::json!({
+                            "target": t,
+                            "holds": held.map(|(o, q)| serde_json::json!({"origin": o, "seq": q})),
+                            "connected": st.sessions.contains_key(t),
+                        }))
+                    })
+                    .collect()
+            };
+            let waited_ms = started.elapsed().as_millis() as u64;
+            if behind.is_empty() {
+                return Ok(serde_json::json!({
+                    "content_set": cs.name, "seq": want, "consistent": true,
+                    "targets": cs.targets.len(), "waited_ms": waited_ms,
+                }));
+            }
+            if started.elapsed() >= timeout {
+                return Ok(serde_json::json!({
+                    "content_set": cs.name, "seq": want, "consistent": false,
+                    "behind": behind, "waited_ms": waited_ms,
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `cdctl catchup [NODE]`: starts catch-ups that wait for a command.
+    pub fn catch_up_command(&self, node: Option<&str>) -> anyhow::Result<serde_json::Value> {
+        let mut n = 0;
+        let mut err = None;
+        self.farm_update(|f| match f.catch_up_command(node, Instant::now()) {
+            Ok(k) => {
+                n = k;
+                f.tick(Instant::now())
+            }
+            Err(e) => {
+                err = Some(e);
+                Vec::new()
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        Ok(serde_json::json!({ "started": n }))
+    }
+
+    fn set_named(&self, set: Option<&str>) -> anyhow::Result<&crate::config::MasterContentSet> {
+        match set {
+            Some(n) => self
+                .cfg
+                .content_sets
+                .iter()
+                .find(|s| s.name == n)
+                .with_context(|| format!("no content set `{n}`")),
+            None => match self.cfg.content_sets.as_slice() {
+                [one] => Ok(one),
+                [] => bail!("no content sets are configured"),
+                _ => bail!("several content sets are configured: name one"),
+            },
+        }
     }
 
     fn push_assignments(&self) {
@@ -402,6 +598,7 @@ impl Master {
             id
         };
         tracing::info!(node = %name, data_addr = %reg.data_addr, "node connected");
+        self.farm_update(|f| f.connected(&name, &reg.progress, Instant::now()));
         self.push_assignments();
         let (mut rx_conn, mut tx_conn) = conn.split();
         let writer = tokio::spawn(async move {
@@ -419,6 +616,12 @@ impl Master {
             };
             match msg {
                 Msg::Heartbeat(_) => {}
+                Msg::Progress(p) => {
+                    self.farm_update(|f| f.progressed(&name, &p.sets, Instant::now()))
+                }
+                Msg::LinkFailure(l) => self.farm_update(|f| {
+                    f.link_failed(&l.content_set, &name, &l.child, &l.error, Instant::now())
+                }),
                 Msg::JobReport(r) => {
                     let waiter = self.state.lock().unwrap().pending.remove(&r.job_id);
                     match waiter {
@@ -434,10 +637,16 @@ impl Master {
             }
         };
         writer.abort();
+        let why = match &result {
+            Ok(()) => "session closed".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
         {
             let mut st = self.state.lock().unwrap();
             if st.sessions.get(&name).map(|s| s.id) == Some(id) {
                 st.sessions.remove(&name);
+                let ev = st.farm.disconnected(&name, &why);
+                Self::record_events(&mut st, ev);
                 // Fail the jobs this node was running: their reports cannot come.
                 let dead: Vec<u64> = st
                     .pending
@@ -456,6 +665,13 @@ impl Master {
     }
 }
 
+fn delta_pb(d: crate::config::DeltaMode) -> pb::DeltaMode {
+    match d {
+        crate::config::DeltaMode::Auto => pb::DeltaMode::Auto,
+        crate::config::DeltaMode::Never => pb::DeltaMode::Never,
+    }
+}
+
 /// The JSON form of a job report (`cdctl sync --json`).
 pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
     serde_json::json!({
@@ -470,7 +686,7 @@ pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
             "target": t.target, "ok": t.ok, "error": t.error, "files_sent": t.files_sent,
             "bytes_sent": t.bytes_sent, "wire_bytes": t.wire_bytes, "reused_local": t.reused_local,
             "removed": t.removed, "meta_only": t.meta_only, "duration_ms": t.duration_ms, "resent": t.resent,
-            "delta_files": t.delta_files, "delta_bytes": t.delta_bytes,
+            "delta_files": t.delta_files, "delta_bytes": t.delta_bytes, "via": t.via, "link_class": t.link_class,
             "patch_bytes": t.patch_bytes, "signature_exchanges": t.signature_exchanges,
         })).collect::<Vec<_>>(),
     })
@@ -532,7 +748,7 @@ mod tests {
         );
         let cfg = crate::config::parse(&d.join("m.toml"), &text).unwrap();
         let m = Master::start(&cfg).await.unwrap();
-        let st = super::State::default();
+        let st = m.state.lock().unwrap();
         for node in ["node1", "node2"] {
             let a = m.assignment_for(node, &st);
             let f = a.content_sets[0].filter.as_ref().expect("a filter");

@@ -475,7 +475,7 @@ pub async fn connect(
                 addr: addr.to_owned(),
                 source,
             })?;
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
             NetError::Handshake {
                 peer: server_name.to_owned(),
@@ -496,10 +496,28 @@ pub async fn connect(
         .map_err(|_| NetError::Timeout("TLS handshake"))?
 }
 
+/// How long sent data may stay unacknowledged, or a silent peer unanswered to
+/// keepalive probes, before the kernel gives the connection up: a cut link then fails
+/// the transfer (and is reported and routed around) in tens of seconds, not after
+/// TCP's default of about a quarter of an hour. A peer that is merely busy (applying
+/// a large change set, forwarding to its own children) still acknowledges probes.
+pub const LINK_DEAD_AFTER: Duration = Duration::from_secs(30);
+
+/// No Nagle delay; a dead peer is detected within [`LINK_DEAD_AFTER`].
+fn tune(tcp: &TcpStream) {
+    use rustix::net::sockopt;
+    let _ = tcp.set_nodelay(true);
+    let _ = sockopt::set_tcp_user_timeout(tcp, LINK_DEAD_AFTER.as_millis() as u32);
+    let _ = sockopt::set_socket_keepalive(tcp, true);
+    let _ = sockopt::set_tcp_keepidle(tcp, Duration::from_secs(10));
+    let _ = sockopt::set_tcp_keepintvl(tcp, Duration::from_secs(5));
+    let _ = sockopt::set_tcp_keepcnt(tcp, 4);
+}
+
 /// Completes the server side of a TLS handshake.
 pub async fn accept(tcp: TcpStream, acceptor: &TlsAcceptor) -> Result<ServerConn, NetError> {
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let _ = tcp.set_nodelay(true);
+    tune(&tcp);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| NetError::Timeout("TLS handshake"))?

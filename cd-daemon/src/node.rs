@@ -50,6 +50,11 @@ const MAX_ROUNDS: u32 = 3;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a catch-up waits for more targets to (re)connect before its full round.
 const CATCH_UP_SETTLE: Duration = Duration::from_millis(300);
+/// How long an incoming transfer waits for the content set's lock before it is
+/// refused as busy (the sender retries with its next change set or round).
+const BUSY_WAIT: Duration = Duration::from_secs(120);
+/// How long a job waits for the master to route around a child that failed.
+const REROUTE_WAIT: Duration = Duration::from_secs(3);
 /// Transfer links remembered for `status`.
 const RECENT_LINKS: usize = 16;
 
@@ -286,7 +291,49 @@ impl Node {
         {
             tracing::warn!(path = %p.display(), "could not persist the change-set sequence number");
         }
+        self.report_progress();
         next
+    }
+
+    /// What this node holds of each content set: the change set it last applied
+    /// completely as a replica, and (where it ever was a source) its newest one.
+    fn progress(&self) -> Vec<pb::SetProgress> {
+        let mut out = Vec::new();
+        for (name, s) in &self.sets {
+            let is_source = s.assignment.lock().unwrap().as_ref().map(|a| a.is_source);
+            // Before the first assignment this node cannot tell whether it is the
+            // source: it says what it would be at (0: nothing yet), and the master
+            // takes it from the source only.
+            if is_source != Some(false) {
+                out.push(pb::SetProgress {
+                    content_set: name.clone(),
+                    origin: self.name.clone(),
+                    seq: self.current_seq(name),
+                    is_source: true,
+                });
+            }
+            if is_source != Some(true)
+                && let Some((origin, seq)) = s.replica.lock().unwrap().last_applied.clone()
+            {
+                out.push(pb::SetProgress {
+                    content_set: name.clone(),
+                    origin,
+                    seq,
+                    is_source: false,
+                });
+            }
+        }
+        out
+    }
+
+    /// Tells the master what this node holds now (best effort: the next session's
+    /// `Register` carries it too).
+    fn report_progress(&self) {
+        if let Some(tx) = self.master_tx.lock().unwrap().as_ref() {
+            let _ = tx.try_send(Msg::Progress(pb::Progress {
+                sets: self.progress(),
+            }));
+        }
     }
 
     fn note_error(&self, e: String) {
@@ -401,6 +448,7 @@ impl Node {
         conn.send(Msg::Register(pb::Register {
             data_addr: self.data_addr.to_string(),
             content_sets: self.sets.keys().cloned().collect(),
+            progress: self.progress(),
         }))
         .await?;
         let (mut rx_conn, mut tx_conn) = conn.split();
@@ -479,23 +527,24 @@ impl Node {
                 }
                 changed
             });
-            tracing::info!(content_set = %set.name, is_source = set.is_source, realtime = set.realtime, targets = set.targets.len(), "assignment");
+            tracing::info!(content_set = %set.name, is_source = set.is_source, realtime = set.realtime, parent = %set.parent, targets = set.targets.len(), "assignment");
             let before = s.assignment.lock().unwrap().replace(set.clone());
-            if !(set.is_source && set.realtime) {
-                continue;
+            if set.is_source && set.realtime {
+                let running = s
+                    .realtime
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .is_some_and(|h| !h.is_finished());
+                if !running {
+                    self.start_realtime(&set.name);
+                    continue;
+                }
             }
-            let running = s
-                .realtime
-                .lock()
-                .unwrap()
-                .as_ref()
-                .is_some_and(|h| !h.is_finished());
-            if !running {
-                self.start_realtime(&set.name);
-                continue;
-            }
-            // A target that just (re)connected catches up at once: the full tree as the
-            // current change set, so the stream continues from there.
+            // A child that is new here (it (re)connected, or was re-parented to this
+            // node) catches up at once with the full tree as the current change set,
+            // so the stream continues from there: in real time always (it may have
+            // missed change sets), otherwise when the master says it is behind.
             let was: Vec<(String, String)> = before
                 .map(|b| {
                     b.targets
@@ -508,7 +557,9 @@ impl Node {
                 .targets
                 .iter()
                 .filter(|t| {
-                    !t.data_addr.is_empty() && !was.contains(&(t.name.clone(), t.data_addr.clone()))
+                    !t.data_addr.is_empty()
+                        && (set.realtime || t.catch_up)
+                        && !was.contains(&(t.name.clone(), t.data_addr.clone()))
                 })
                 .map(|t| t.name.clone())
                 .collect();
@@ -583,8 +634,14 @@ impl Node {
         if targets.is_empty() {
             return;
         }
-        let seq = self.current_seq(set);
-        let mut report = pb::JobReport::default();
+        let Some(seq) = self.distributed_seq(set) else {
+            tracing::info!(content_set = set, targets = ?targets, "nothing complete to catch up from yet; the next change set brings the tree");
+            return;
+        };
+        let mut report = pb::JobReport {
+            content_set: set.to_owned(),
+            ..Default::default()
+        };
         tracing::info!(content_set = set, targets = ?targets, seq, "catching up reconnected targets");
         if let Err(e) = self
             .full_rounds(set, 0, seq, Some(&targets), &mut report)
@@ -592,6 +649,19 @@ impl Node {
         {
             tracing::warn!(content_set = set, error = %format!("{e:#}"), "catch-up failed");
         }
+    }
+
+    /// The change set this node's tree is, as a distributor: its own newest as the
+    /// source; as a relay, the last one it applied completely from the source (`None`
+    /// when it holds no complete one).
+    fn distributed_seq(&self, set: &str) -> Option<u64> {
+        let s = self.sets.get(set)?;
+        let a = s.assignment.lock().unwrap().clone()?;
+        if a.is_source {
+            return Some(self.current_seq(set));
+        }
+        let held = s.replica.lock().unwrap().last_applied.clone();
+        held.filter(|(o, _)| *o == a.source).map(|(_, q)| q)
     }
 
     /// The real-time loop of one source content set. It waits on events and on the
@@ -933,23 +1003,14 @@ impl Node {
             delta: assignment.delta(),
             cache: self.delta_cache.clone(),
         });
-        let mut tasks = tokio::task::JoinSet::new();
-        for peer in assignment
+        let connected_peers: Vec<pb::Peer> = assignment
             .targets
             .iter()
             .filter(|t| !t.data_addr.is_empty())
             .cloned()
-        {
-            let node = self.clone();
-            let out = out.clone();
-            tasks.spawn(async move {
-                let r = node.send_to(&peer, &out).await;
-                (peer, r)
-            });
-        }
+            .collect();
         let mut fallback = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            let (peer, r) = joined.context("transfer task panicked")?;
+        for (peer, r, _) in self.send_all(&out, connected_peers).await {
             match r {
                 Ok(st)
                     if st.apply.ok
@@ -1035,8 +1096,11 @@ impl Node {
         self.full_rounds(set, job_id, seq, None, report).await
     }
 
-    /// Sends the whole tree (scanned now) as change set `seq` to every target, or to
-    /// `only` those; repeated while files change under it. The caller holds the set's
+    /// Sends the whole tree (scanned now) as change set `seq` to every child (every
+    /// target the route table gives this node: all of them with direct routing), or
+    /// to `only` those; repeated while files change under it. The source runs it for
+    /// jobs and reconciles; a relay for children that need the whole tree. The report
+    /// has a result per target of the whole subtree. The caller holds the set's
     /// `busy` lock.
     async fn full_rounds(
         self: &Arc<Self>,
@@ -1054,13 +1118,13 @@ impl Node {
         let Some(assignment) = assignment else {
             bail!("no assignment from the master yet for `{set}`")
         };
-        if !assignment.is_source {
+        if !assignment.is_source && assignment.targets.is_empty() {
             bail!(
                 "this node is not the source of `{set}` (the source is `{}`)",
                 assignment.source
             );
         }
-        if job_id == 0 {
+        if job_id == 0 && assignment.is_source {
             state.full_reconciles.fetch_add(1, Ordering::Relaxed);
         }
         let root_path = state.root.clone();
@@ -1096,8 +1160,10 @@ impl Node {
             } else {
                 filter.apply_to_manifest(&manifest)
             });
-            *state.known.lock().unwrap() = (assignment.realtime && !filter.is_noop())
-                .then(|| realtime::KnownTree::from_manifest(&manifest));
+            if assignment.is_source {
+                *state.known.lock().unwrap() = (assignment.realtime && !filter.is_noop())
+                    .then(|| realtime::KnownTree::from_manifest(&manifest));
+            }
             report.scan_ms += t0.elapsed().as_millis() as u64;
             report.source_entries = manifest.len() as u64;
             let every_connected = assignment
@@ -1105,7 +1171,7 @@ impl Node {
                 .iter()
                 .filter(|t| !t.data_addr.is_empty())
                 .all(|t| only.is_none_or(|o| o.contains(&t.name)));
-            if assignment.realtime && every_connected {
+            if assignment.is_source && assignment.realtime && every_connected {
                 // A full change set to every connected target: the record restarts
                 // from it. (A partial one, to targets that fell behind, leaves the
                 // record of the incremental stream the others follow.)
@@ -1114,7 +1180,7 @@ impl Node {
             report.seq = seq;
             let out = Arc::new(Outgoing {
                 content_set: set.to_owned(),
-                origin: self.name.clone(),
+                origin: assignment.source.clone(),
                 seq,
                 job_id,
                 body: OutBody::Full(manifest),
@@ -1124,40 +1190,27 @@ impl Node {
                 delta: assignment.delta(),
                 cache: self.delta_cache.clone(),
             });
-            let mut tasks = tokio::task::JoinSet::new();
-            for peer in pending.drain(..) {
-                let node = self.clone();
-                let out = out.clone();
-                tasks.spawn(async move {
-                    let t = Instant::now();
-                    let r = node.send_to(&peer, &out).await;
-                    (peer, r, t.elapsed())
-                });
-            }
-            while let Some(joined) = tasks.join_next().await {
-                let (peer, r, took) = joined.context("transfer task panicked")?;
+            let mut below = Vec::new();
+            let mut lost_link = false;
+            for (peer, r, took) in self.send_all(&out, std::mem::take(&mut pending)).await {
                 let entry = results
                     .entry(peer.name.clone())
                     .or_insert_with(|| pb::TargetResult {
                         target: peer.name.clone(),
                         ..Default::default()
                     });
+                entry.via = self.name.clone();
+                entry.link_class = peer.link_class.clone();
                 entry.duration_ms += took.as_millis() as u64;
                 match r {
                     Ok(st) => {
-                        entry.files_sent += st.files_sent;
-                        entry.bytes_sent += st.bytes_sent;
-                        entry.wire_bytes += st.wire_bytes;
-                        entry.resent += st.resent;
-                        entry.delta_files += st.delta_files;
-                        entry.delta_bytes += st.delta_bytes;
-                        entry.patch_bytes += st.patch_bytes;
-                        entry.signature_exchanges += st.signature_exchanges;
+                        add_sent(entry, &st);
                         entry.reused_local += st.apply.reused_local;
                         entry.removed += st.apply.removed;
                         entry.meta_only += st.apply.meta_only;
                         entry.ok = st.apply.ok;
                         entry.error = st.apply.error.clone();
+                        below.extend(st.apply.subtree.iter().cloned());
                         if st.apply.ok && st.changed_since_scan == 0 && st.apply.skipped == 0 {
                             state.sent.lock().unwrap().insert(peer.name.clone(), seq);
                             state
@@ -1182,7 +1235,25 @@ impl Node {
                     Err(e) => {
                         entry.ok = false;
                         entry.error = format!("{e:#}");
+                        lost_link = true;
                         tracing::warn!(target = %peer.name, error = %entry.error, "transfer failed");
+                    }
+                }
+            }
+            for sub in below {
+                results.insert(sub.target.clone(), sub);
+            }
+            if lost_link && round < MAX_ROUNDS {
+                // A child failed on the link: the master routes around it (its
+                // subtree gets other parents, some of them maybe this node). Those
+                // new children get this job's change set in the next round.
+                for t in self.rerouted_children(set, &assignment.targets).await {
+                    if only.is_none_or(|o| o.contains(&t.name))
+                        && results.get(&t.name).is_none_or(|r| !r.ok)
+                        && !pending.iter().any(|p| p.name == t.name)
+                    {
+                        tracing::info!(target = %t.name, "re-routed to this node during the job; another round");
+                        pending.push(t);
                     }
                 }
             }
@@ -1194,6 +1265,61 @@ impl Node {
         Ok(())
     }
 
+    /// After a child failed: waits (briefly) for the master's new assignment and
+    /// returns the children it has now that it did not have in `before`.
+    async fn rerouted_children(&self, set: &str, before: &[pb::Peer]) -> Vec<pb::Peer> {
+        let Some(state) = self.sets.get(set) else {
+            return Vec::new();
+        };
+        let deadline = Instant::now() + REROUTE_WAIT;
+        loop {
+            let now: Vec<pb::Peer> = state
+                .assignment
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|a| a.targets.clone())
+                .unwrap_or_default();
+            let new: Vec<pb::Peer> = now
+                .into_iter()
+                .filter(|t| !t.data_addr.is_empty() && !before.iter().any(|b| b.name == t.name))
+                .collect();
+            if !new.is_empty() || Instant::now() >= deadline {
+                return new;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends `out` to every peer concurrently; each result with the time it took.
+    async fn send_all(
+        self: &Arc<Self>,
+        out: &Arc<Outgoing>,
+        peers: Vec<pb::Peer>,
+    ) -> Vec<(pb::Peer, anyhow::Result<transfer::SendStats>, Duration)> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for peer in peers {
+            let node = self.clone();
+            let out = out.clone();
+            tasks.spawn(async move {
+                let t = Instant::now();
+                let r = node.send_to(&peer, &out).await;
+                (peer, r, t.elapsed())
+            });
+        }
+        let mut done = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(x) => done.push(x),
+                Err(e) => tracing::error!(error = %e, "transfer task panicked"),
+            }
+        }
+        done
+    }
+
+    /// Sends `out` to one peer, with the policy of its link (zstd level, rate,
+    /// deltas, encryption, as the master resolved them for its link class). A failure
+    /// of the link itself is reported to the master, which routes around it.
     async fn send_to(
         &self,
         peer: &pb::Peer,
@@ -1202,23 +1328,31 @@ impl Node {
         if peer.data_addr.is_empty() {
             bail!("target `{}` is not connected to the master", peer.name);
         }
-        let plaintext = self
-            .sets
-            .get(&out.content_set)
-            .and_then(|s| s.assignment.lock().unwrap().as_ref().map(|a| a.plaintext))
-            .unwrap_or(false);
+        let out = Outgoing {
+            zstd_level: peer.zstd_level,
+            max_rate_bytes_per_sec: peer.max_rate_bytes_per_sec,
+            delta: peer.delta(),
+            ..out.clone()
+        };
         let force_rustls = self.rustls_only.lock().unwrap().remove(&peer.name);
-        let (mut conn, _) = net::connect_transfer(
+        let connected = net::connect_transfer(
             &peer.data_addr,
             &peer.name,
             self.client_cfg.clone(),
             &self.name,
-            plaintext,
+            peer.plaintext,
             &self.transport,
             force_rustls,
         )
-        .await?;
-        let r = transfer::send(&mut conn, out).await;
+        .await;
+        let mut conn = match connected {
+            Ok((c, _)) => c,
+            Err(e) => {
+                self.report_link_failure(&out.content_set, &peer.name, &e);
+                return Err(e.into());
+            }
+        };
+        let r = transfer::send(&mut conn, &out).await;
         if r.is_ok() {
             conn.shutdown().await;
         }
@@ -1227,7 +1361,122 @@ impl Node {
             self.rustls_only.lock().unwrap().insert(peer.name.clone());
         }
         self.record_link(&peer.name, "source", &out.content_set, stats, r.is_ok());
+        if let Err(transfer::TransferError::Net(e)) = &r {
+            self.report_link_failure(&out.content_set, &peer.name, e);
+        }
         Ok(r?)
+    }
+
+    /// Tells the master a link to a child failed (not a refusal by the child itself:
+    /// that is a matter of assignments, which the master already knows).
+    fn report_link_failure(&self, set: &str, child: &str, e: &NetError) {
+        if matches!(e, NetError::Remote { .. }) {
+            return;
+        }
+        if let Some(tx) = self.master_tx.lock().unwrap().as_ref() {
+            let _ = tx.try_send(Msg::LinkFailure(pb::LinkFailure {
+                content_set: set.to_owned(),
+                child: child.to_owned(),
+                error: e.to_string(),
+            }));
+        }
+    }
+
+    /// A relay: forwards the change set it just received to its children (reading
+    /// the content from its own tree, which now holds it), as the same change set of
+    /// the same origin, so each child's sequence continues. A child that cannot apply
+    /// it incrementally gets the whole tree. Returns a result per target below.
+    async fn forward(
+        self: &Arc<Self>,
+        begin: &pb::TransferBegin,
+        body: OutBody,
+    ) -> Vec<pb::TargetResult> {
+        let set = begin.content_set.as_str();
+        let Some(state) = self.sets.get(set) else {
+            return Vec::new();
+        };
+        let Some(a) = state.assignment.lock().unwrap().clone() else {
+            return Vec::new();
+        };
+        if a.targets.is_empty() {
+            return Vec::new();
+        }
+        let root = match tokio::task::block_in_place(|| fs::Root::open(&state.root)) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                return a
+                    .targets
+                    .iter()
+                    .map(|t| failed(&self.name, t, format!("relay cannot open its root: {e}")))
+                    .collect();
+            }
+        };
+        let full = matches!(body, OutBody::Full(_));
+        let out = Arc::new(Outgoing {
+            content_set: set.to_owned(),
+            origin: begin.origin.clone(),
+            seq: begin.seq,
+            job_id: begin.job_id,
+            body,
+            root,
+            zstd_level: a.zstd_level,
+            max_rate_bytes_per_sec: a.max_rate_bytes_per_sec,
+            delta: a.delta(),
+            cache: self.delta_cache.clone(),
+        });
+        let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
+        let mut whole = Vec::new();
+        for (peer, r, took) in self.send_all(&out, a.targets.clone()).await {
+            let mut tr = pb::TargetResult {
+                target: peer.name.clone(),
+                via: self.name.clone(),
+                link_class: peer.link_class.clone(),
+                duration_ms: took.as_millis() as u64,
+                ..Default::default()
+            };
+            match r {
+                Ok(st) => {
+                    add_sent(&mut tr, &st);
+                    tr.reused_local = st.apply.reused_local;
+                    tr.removed = st.apply.removed;
+                    tr.meta_only = st.apply.meta_only;
+                    tr.ok = st.apply.ok && st.apply.skipped == 0 && !st.need_full;
+                    tr.error = st.apply.error.clone();
+                    for sub in &st.apply.subtree {
+                        results.insert(sub.target.clone(), sub.clone());
+                    }
+                    if st.apply.ok && !st.need_full {
+                        state
+                            .sent
+                            .lock()
+                            .unwrap()
+                            .insert(peer.name.clone(), begin.seq);
+                    } else if !full && !st.apply.stale {
+                        whole.push(peer.name.clone());
+                    }
+                }
+                Err(e) => tr.error = format!("{e:#}"),
+            }
+            results.insert(peer.name.clone(), tr);
+        }
+        if !whole.is_empty() {
+            let mut report = pb::JobReport::default();
+            tracing::info!(content_set = set, targets = ?whole, "children get the whole tree from this relay");
+            match self
+                .full_rounds(set, begin.job_id, begin.seq, Some(&whole), &mut report)
+                .await
+            {
+                Ok(()) => {
+                    for t in report.targets {
+                        results.insert(t.target.clone(), t);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(content_set = set, error = %format!("{e:#}"), "relay full round failed")
+                }
+            }
+        }
+        results.into_values().collect()
     }
 
     // ---- replica side -----------------------------------------------------------
@@ -1253,7 +1502,7 @@ impl Node {
     }
 
     async fn serve_transfer(
-        &self,
+        self: &Arc<Self>,
         tcp: tokio::net::TcpStream,
         acceptor: &TlsAcceptor,
     ) -> anyhow::Result<()> {
@@ -1290,25 +1539,45 @@ impl Node {
                 begin.content_set
             );
         };
-        let source = state
+        // From the source, or from the parent the route table gives this node; the
+        // content always originates at the source.
+        let (source, parent) = state
             .assignment
             .lock()
             .unwrap()
             .as_ref()
-            .map(|a| a.source.clone());
-        if source.as_deref() != Some(hello.node_name.as_str()) || begin.origin != hello.node_name {
+            .map(|a| (a.source.clone(), a.parent.clone()))
+            .unzip();
+        let from = hello.node_name.as_str();
+        let sender_ok = source.as_deref() == Some(from)
+            || parent
+                .as_deref()
+                .is_some_and(|p| !p.is_empty() && p == from);
+        if !sender_ok || Some(&begin.origin) != source.as_ref() {
             conn.send_error(
                 pb::error::ErrorCode::Unauthenticated,
-                "you are not the assigned source of this content set",
+                "you are neither the source of this content set nor this node's assigned parent",
             )
             .await;
             bail!(
-                "`{}` is not the assigned source of `{}` (assigned: {source:?})",
-                hello.node_name,
-                begin.content_set
+                "`{from}` may not send `{}` here (source {source:?}, parent {parent:?}, origin `{}`)",
+                begin.content_set,
+                begin.origin
             );
         }
-        let _busy = state.busy.lock().await;
+        // Bounded: during a change of routes two nodes may briefly send to each other,
+        // each holding its own lock while it forwards; one of them gives way.
+        let Ok(_busy) = tokio::time::timeout(BUSY_WAIT, state.busy.lock()).await else {
+            conn.send_error(
+                pb::error::ErrorCode::Busy,
+                format!("`{}` is busy with another transfer", begin.content_set),
+            )
+            .await;
+            bail!(
+                "`{from}`: content set `{}` busy for {BUSY_WAIT:?}; refused",
+                begin.content_set
+            );
+        };
         let t0 = Instant::now();
         let ctx = ReceiveContext {
             root: state.root.clone(),
@@ -1322,11 +1591,22 @@ impl Node {
         // Held by this transfer alone (the busy lock): take it out of the mutex so no
         // guard lives across an await; a failed transfer leaves nothing to build on.
         let mut replica = std::mem::take(&mut *state.replica.lock().unwrap());
-        let r = transfer::receive(&mut conn, &begin, &ctx, &mut replica).await;
+        let mut r = transfer::receive(&mut conn, &begin, &ctx, &mut replica).await;
         if r.is_err() {
             replica.local = None;
         }
         *state.replica.lock().unwrap() = replica;
+        if let Ok(s) = &mut r {
+            self.report_progress();
+            // A relay passes the change set on before it answers, so the answer
+            // covers its whole subtree.
+            if let Some(body) = s.forward.take() {
+                s.apply.subtree = self.forward(&begin, body).await;
+            }
+            if let Err(e) = conn.send(Msg::ApplyResult(s.apply.clone())).await {
+                r = Err(e.into());
+            }
+        }
         let (ok, error, files, bytes) = match &r {
             Ok(s) => (
                 s.apply.ok,
@@ -1368,6 +1648,29 @@ impl Node {
                 Err(e.into())
             }
         }
+    }
+}
+
+/// Adds what a transfer sent to a target's result.
+fn add_sent(entry: &mut pb::TargetResult, st: &transfer::SendStats) {
+    entry.files_sent += st.files_sent;
+    entry.bytes_sent += st.bytes_sent;
+    entry.wire_bytes += st.wire_bytes;
+    entry.resent += st.resent;
+    entry.delta_files += st.delta_files;
+    entry.delta_bytes += st.delta_bytes;
+    entry.patch_bytes += st.patch_bytes;
+    entry.signature_exchanges += st.signature_exchanges;
+}
+
+/// A target's result when nothing could be sent to it.
+fn failed(via: &str, peer: &pb::Peer, error: String) -> pb::TargetResult {
+    pb::TargetResult {
+        target: peer.name.clone(),
+        via: via.to_owned(),
+        link_class: peer.link_class.clone(),
+        error,
+        ..Default::default()
     }
 }
 

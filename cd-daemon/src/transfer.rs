@@ -63,7 +63,7 @@ pub enum TransferError {
 }
 
 /// What the source sends to every target of one job round.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Outgoing {
     pub content_set: String,
     pub origin: String,
@@ -557,13 +557,17 @@ pub struct ReceiveContext {
     pub filter: Arc<Filter>,
 }
 
-/// Replica-side outcome, for status and logs.
+/// Replica-side outcome, for status and logs. The caller answers the source with
+/// `apply` (after forwarding, on a relay).
 #[derive(Debug, Clone, Default)]
 pub struct ReceiveStats {
     pub entries: u64,
     pub fetched_files: u64,
     pub fetched_bytes: u64,
     pub apply: pb::ApplyResult,
+    /// The body as received, for a relay to forward to its children: set when the
+    /// change set was planned and applied (whatever the apply's outcome).
+    pub forward: Option<OutBody>,
 }
 
 /// What a replica remembers between transfers of one content set.
@@ -668,7 +672,8 @@ async fn send_signatures<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Runs the replica side after `TransferBegin` was received and authorised.
+/// Runs the replica side after `TransferBegin` was received and authorised, up to
+/// (not including) the `ApplyResult` answer, which the caller sends.
 pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     begin: &pb::TransferBegin,
@@ -729,16 +734,46 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             last = ?state.last_applied,
             "incremental change set does not follow what this replica holds; asking for a full manifest"
         );
-        let r = pb::ApplyResult {
-            need_full: true,
-            ..Default::default()
-        };
-        conn.send(Msg::ApplyResult(r.clone())).await?;
         return Ok(ReceiveStats {
-            apply: r,
+            apply: pb::ApplyResult {
+                need_full: true,
+                ..Default::default()
+            },
             ..Default::default()
         });
     }
+    if let Some((origin, seq)) = &state.last_applied
+        && begin.full
+        && *origin == begin.origin
+        && begin.seq < *seq
+    {
+        // A relay that fell behind (or a late retry) must never roll this replica
+        // back: what it holds from the same origin is newer.
+        tracing::info!(content_set = %begin.content_set, seq = begin.seq, holds = seq, "refused a full change set older than what this replica holds");
+        drain_files(conn).await?;
+        return Ok(ReceiveStats {
+            apply: pb::ApplyResult {
+                stale: true,
+                error: format!(
+                    "holds change set {seq} of `{origin}`, newer than {}",
+                    begin.seq
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+    }
+    let forward = Some(if begin.full {
+        OutBody::Full(Arc::new(
+            Manifest::from_entries(entries.clone())
+                .map_err(|e| TransferError::BadManifest(e.to_string()))?,
+        ))
+    } else {
+        OutBody::Incremental {
+            base_seq: begin.base_seq,
+            changes: Arc::new(changes.clone()),
+        }
+    });
     let owner = ctx.owner;
     let cached = if begin.full { None } else { state.local.take() };
     state.local = None;
@@ -791,6 +826,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         entries: desired.len() as u64,
         fetched_files: plan.fetch.len() as u64,
         fetched_bytes: plan.stats.fetch_bytes,
+        forward,
         ..Default::default()
     };
 
@@ -962,7 +998,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         meta_only: report.meta_only,
         created_dirs: report.created_dirs,
         skipped: report.skipped.max(skipped),
-        need_full: false,
+        ..Default::default()
     };
     // Remember the tree only when it is exactly what was asked for; anything less and
     // the next change set must not build on it.
@@ -973,6 +1009,33 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         state.last_applied = None;
     }
     state.save(&ctx.state_path);
-    conn.send(Msg::ApplyResult(stats.apply.clone())).await?;
     Ok(stats)
+}
+
+/// Refuses a transfer after its body: an empty need list and no signatures, then
+/// waits for its end (the caller answers with the reason in `ApplyResult`).
+async fn drain_files<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+) -> Result<(), TransferError> {
+    conn.send(Msg::NeedList(pb::NeedList {
+        needs: vec![],
+        last: true,
+    }))
+    .await?;
+    match conn.recv_msg().await? {
+        Msg::SignatureRequest(r) if r.file_ids.is_empty() => {}
+        m => {
+            return Err(TransferError::Protocol(format!(
+                "expected an empty SignatureRequest, got {}",
+                msg_name(&m)
+            )));
+        }
+    }
+    match conn.recv_msg().await? {
+        Msg::TransferEnd(_) => Ok(()),
+        m => Err(TransferError::Protocol(format!(
+            "expected TransferEnd, got {}",
+            msg_name(&m)
+        ))),
+    }
 }

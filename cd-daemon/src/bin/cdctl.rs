@@ -35,6 +35,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The route table of a content set (on the master): who sends to whom.
+    Routes {
+        /// Content set (optional when there is only one).
+        content_set: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deploy barrier (on the master): wait until every target of the content set
+    /// holds what the source had at change set SEQ (default: the source's newest now).
+    /// Exit 0 when consistent, 1 on timeout (the targets behind are listed).
+    Wait {
+        /// Content set (optional when there is only one).
+        content_set: Option<String>,
+        /// The source's change set to wait for (`cdctl status` on the source, or a
+        /// sync job's `seq`); default: its newest now.
+        #[arg(long)]
+        seq: Option<u64>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the catch-up of recovered nodes that wait for a command (on the master).
+    Catchup {
+        /// One node (default: every node waiting).
+        node: Option<String>,
+    },
     /// Join tokens (on the master).
     Token {
         #[command(subcommand)]
@@ -135,6 +163,76 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Routes { content_set, json } => {
+            let v = call(&cli.socket, Request::Routes { content_set })?;
+            if json {
+                out(&serde_json::to_string_pretty(&v)?)?;
+            } else {
+                out(&render_routes(&v))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Wait {
+            content_set,
+            seq,
+            timeout,
+            json,
+        } => {
+            let v = call(
+                &cli.socket,
+                Request::Wait {
+                    content_set,
+                    seq,
+                    timeout_ms: timeout.saturating_mul(1000),
+                },
+            )?;
+            let ok = v["consistent"].as_bool() == Some(true);
+            if json {
+                out(&serde_json::to_string(&v)?)?;
+            } else if ok {
+                out(&format!(
+                    "consistent: all {} targets of {} hold change set {} (waited {} ms)",
+                    v["targets"],
+                    v["content_set"].as_str().unwrap_or("?"),
+                    v["seq"],
+                    v["waited_ms"]
+                ))?;
+            } else {
+                let mut s = format!(
+                    "NOT consistent after {} ms: targets behind change set {} of {}:\n",
+                    v["waited_ms"],
+                    v["seq"],
+                    v["content_set"].as_str().unwrap_or("?")
+                );
+                for b in v["behind"].as_array().into_iter().flatten() {
+                    s += &format!(
+                        "  {:<16} holds {}{}\n",
+                        b["target"].as_str().unwrap_or("?"),
+                        if b["holds"].is_null() {
+                            "nothing known".to_owned()
+                        } else {
+                            b["holds"]["seq"].to_string()
+                        },
+                        if b["connected"].as_bool() == Some(true) {
+                            ""
+                        } else {
+                            " (not connected)"
+                        }
+                    );
+                }
+                out(s.trim_end())?;
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Catchup { node } => {
+            let v = call(&cli.socket, Request::CatchUp { node })?;
+            out(&format!("{} catch-up(s) started", v["started"]))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Sync { content_set, json } => {
             let v = call(&cli.socket, Request::Sync { content_set })?;
             if json {
@@ -149,6 +247,59 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// The route tree, indented under the source.
+fn render_routes(v: &serde_json::Value) -> String {
+    let source = v["source"].as_str().unwrap_or("?");
+    let edges: Vec<&serde_json::Value> = v["edges"].as_array().into_iter().flatten().collect();
+    let mut s = format!(
+        "content set {} ({} routing, catch-up {}), source {source} at change set {}\n",
+        v["content_set"].as_str().unwrap_or("?"),
+        v["routing"].as_str().unwrap_or("?"),
+        v["catch_up"].as_str().unwrap_or("?"),
+        v["source_seq"],
+    );
+    fn walk(
+        s: &mut String,
+        edges: &[&serde_json::Value],
+        v: &serde_json::Value,
+        node: &str,
+        depth: usize,
+    ) {
+        for e in edges.iter().filter(|e| e["parent"].as_str() == Some(node)) {
+            let child = e["child"].as_str().unwrap_or("?");
+            let held = &v["held"][child];
+            *s += &format!(
+                "{:indent$}└─ {child:<16} {:<14} {:<18} {}/{}  holds {}\n",
+                "",
+                e["class"].as_str().unwrap_or("?"),
+                e["kind"].as_str().unwrap_or("?"),
+                e["region"].as_str().unwrap_or("?"),
+                e["group"].as_str().unwrap_or("?"),
+                if held.is_null() {
+                    "?".to_owned()
+                } else {
+                    held["seq"].to_string()
+                },
+                indent = depth * 3
+            );
+            walk(s, edges, v, child, depth + 1);
+        }
+    }
+    s += &format!("{source}\n");
+    walk(&mut s, &edges, v, source, 0);
+    for u in v["unreached"].as_array().into_iter().flatten() {
+        s += &format!(
+            "not routed: {} ({})\n",
+            u["node"].as_str().unwrap_or("?"),
+            u["reason"].as_str().unwrap_or("?")
+        );
+    }
+    for r in v["rejected_routes"].as_array().into_iter().flatten() {
+        s += &format!("manual route ignored: {}\n", r.as_str().unwrap_or("?"));
+    }
+    s
 }
 
 fn render_status(v: &serde_json::Value) -> String {
