@@ -632,6 +632,8 @@ fn plaintext_only_when_both_agree() {
     let mut spec = ClusterSpec::new(4, tmp.path(), &cdd(), &cdctl());
     spec.zstd_level = Some(0);
     spec.set_lines.push("encryption = false".into());
+    // Each replica judges the source itself: every link straight from it.
+    spec.set_lines.push("routing = \"direct\"".into());
     spec.node_lines
         .insert("node2".into(), vec!["trusted_peers = [\"node1\"]".into()]);
     spec.node_lines
@@ -1475,4 +1477,275 @@ fn delta_never_sends_whole_files() {
     assert_eq!(target_counter(&r, t, "delta_files"), 0, "{r}");
     assert_eq!(target_counter(&r, t, "bytes_sent"), 4 * MIB as u64, "{r}");
     assert_replicas_identical(&c);
+}
+
+/// The farm of `relay_routes_failover_and_catch_up`: node1 is the source (its own
+/// group), east has two groups of two, west one group of two; the first of each group
+/// weighs more, so it is the head.
+const FARM: &str = r#"
+[[master.servers]]
+name = "node1"
+region = "east"
+group = "east-src"
+[[master.servers]]
+name = "node2"
+region = "east"
+group = "east-a"
+weight = 2
+[[master.servers]]
+name = "node3"
+region = "east"
+group = "east-a"
+[[master.servers]]
+name = "node4"
+region = "east"
+group = "east-b"
+weight = 2
+[[master.servers]]
+name = "node5"
+region = "east"
+group = "east-b"
+[[master.servers]]
+name = "node6"
+region = "west"
+group = "west-a"
+weight = 2
+[[master.servers]]
+name = "node7"
+region = "west"
+group = "west-a"
+[master.link_classes.same_group]
+zstd_level = 0
+"#;
+
+fn routes(c: &Cluster) -> Value {
+    c.cdctl_json(MASTER, &["routes", "--json"], Duration::from_secs(30))
+        .unwrap()
+        .1
+}
+
+fn parent_of(routes: &Value, child: &str) -> Option<String> {
+    routes["edges"]
+        .as_array()?
+        .iter()
+        .find(|e| e["child"] == child)
+        .and_then(|e| e["parent"].as_str().map(str::to_owned))
+}
+
+/// Waits until `pred` holds of the master's routes.
+fn wait_routes(c: &Cluster, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = routes(c);
+        if pred(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "routes never showed {what}: {r}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn master_events(c: &Cluster) -> Vec<Value> {
+    c.status(MASTER).unwrap()["master"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Relay routes on loopback: the source sends one copy per group of its region and
+/// one to the other region, heads forward; a killed head is routed around (its group
+/// mate takes over), and when it comes back it catches up from that group mate, not
+/// from the source; `cdctl wait` is the deploy barrier.
+#[test]
+fn relay_routes_failover_and_catch_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(7, tmp.path(), &cdd(), &cdctl());
+    spec.set_lines = FARM.lines().map(str::to_owned).collect();
+    let mut c = Cluster::start(spec).unwrap_or_else(|e| panic!("{e:#}"));
+    let source = c.root(c.source()).unwrap();
+    let mut tree = TreeSpec::new(300, 5);
+    tree.max_total_bytes = 6 * MIB as u64;
+    generate(&source, &tree).unwrap();
+
+    let r = wait_routes(&c, "every target routed", |r| {
+        r["edges"].as_array().is_some_and(|e| e.len() == 6)
+    });
+    let expect = [
+        ("node2", "node1", "same_region"),
+        ("node4", "node1", "same_region"),
+        ("node6", "node1", "international"),
+        ("node3", "node2", "same_group"),
+        ("node5", "node4", "same_group"),
+        ("node7", "node6", "same_group"),
+    ];
+    for (child, parent, class) in expect {
+        let e = r["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["child"] == child)
+            .unwrap_or_else(|| panic!("{child} not routed: {r}"));
+        assert_eq!(
+            (e["parent"].as_str(), e["class"].as_str()),
+            (Some(parent), Some(class)),
+            "{r}"
+        );
+    }
+
+    // 1. A sync goes along the tree; every target reports who sent to it.
+    let r1 = sync_ok(&c);
+    for (child, parent, class) in expect {
+        let t = target_report(&r1, child).unwrap();
+        assert_eq!(
+            (t["via"].as_str(), t["link_class"].as_str()),
+            (Some(parent), Some(class)),
+            "{r1}"
+        );
+        assert!(counter(t, "files_sent").unwrap() > 0, "{child}: {r1}");
+    }
+    assert_replicas_identical(&c);
+    // The deploy barrier holds at once for the job's change set.
+    let seq = r1["seq"].as_u64().unwrap();
+    let (code, w) = c
+        .cdctl_json(
+            MASTER,
+            &[
+                "wait",
+                "--seq",
+                &seq.to_string(),
+                "--timeout",
+                "30",
+                "--json",
+            ],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!((code, &w["consistent"]), (0, &Value::Bool(true)), "{w}");
+
+    // 2. Kill a head: its group mate takes over, the others are unaffected.
+    c.kill("node2", SIGKILL).unwrap();
+    let r = wait_routes(&c, "node3 under the source", |r| {
+        parent_of(r, "node3").as_deref() == Some("node1") && parent_of(r, "node2").is_none()
+    });
+    assert!(
+        r["unreached"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["node"] == "node2"),
+        "{r}"
+    );
+    mutate(&source, &MutateSpec::new(3, 3)).unwrap();
+    let out = c.try_sync().unwrap();
+    let r2 = out.report;
+    assert_eq!(target_report(&r2, "node3").unwrap()["via"], "node1", "{r2}");
+    assert_eq!(target_report(&r2, "node3").unwrap()["ok"], true, "{r2}");
+    assert_eq!(target_report(&r2, "node2").unwrap()["ok"], false, "{r2}");
+    for t in ["node3", "node4", "node5", "node6", "node7"] {
+        assert_identical(&source, &c.root(t).unwrap());
+    }
+    // The barrier names the laggard and times out.
+    let seq2 = r2["seq"].as_u64().unwrap();
+    let (code, w) = c
+        .cdctl_json(
+            MASTER,
+            &[
+                "wait",
+                "--seq",
+                &seq2.to_string(),
+                "--timeout",
+                "1",
+                "--json",
+            ],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(code, 1, "{w}");
+    assert_eq!(w["behind"][0]["target"], "node2", "{w}");
+
+    // 3. node2 comes back behind: it catches up from its group mate, then heads again.
+    c.restart("node2").unwrap();
+    wait_identical(&c, Duration::from_secs(60), "node2 caught up");
+    let (code, w) = c
+        .cdctl_json(
+            MASTER,
+            &[
+                "wait",
+                "--seq",
+                &seq2.to_string(),
+                "--timeout",
+                "60",
+                "--json",
+            ],
+            Duration::from_secs(90),
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{w}");
+    wait_routes(&c, "node2 heading east-a again", |r| {
+        parent_of(r, "node2").as_deref() == Some("node1")
+            && parent_of(r, "node3").as_deref() == Some("node2")
+    });
+    let ev = master_events(&c);
+    let find = |kind: &str, node: &str| {
+        ev.iter()
+            .find(|e| e["kind"] == kind && e["node"] == node)
+            .unwrap_or_else(|| panic!("no {kind} event for {node}: {ev:#?}"))
+            .clone()
+    };
+    find("node_down", "node2");
+    find("reroute", "node3");
+    find("catch_up_waiting", "node2");
+    find("catch_up_done", "node2");
+    let caught = find("reroute", "node2");
+    // While catching up node2 hung off its group mate (a same-group link).
+    let served = c.status("node3").unwrap()["node"]["transport"]["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["peer"] == "node2" && l["side"] == "source" && l["ok"] == true);
+    assert!(
+        served,
+        "node3 never sent to node2; events: {ev:#?}; last reroute: {caught}"
+    );
+}
+
+/// Per-data-kind targeting: an image server holds only the images of the set, and
+/// keeps its own other files; it never relays (it lacks what the others need).
+#[test]
+fn a_target_gets_only_its_data_kinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(4, tmp.path(), &cdd(), &cdctl());
+    spec.set_lines = [
+        "[master.content_sets.target_filters.node2]",
+        "include = [\"*.jpg\"]",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("{e:#}"));
+    let source = c.root(c.source()).unwrap();
+    fs::create_dir_all(source.join("img/a")).unwrap();
+    fs::write(source.join("img/a/x.jpg"), noise(5, 70_000)).unwrap();
+    fs::write(source.join("img/a/x.html"), b"<p>x</p>").unwrap();
+    fs::write(source.join("index.html"), b"<p>home</p>").unwrap();
+    let own = c.root("node2").unwrap().join("local.txt");
+    fs::write(&own, b"the image server's own file").unwrap();
+    let r = wait_routes(&c, "every target routed", |r| {
+        r["edges"].as_array().is_some_and(|e| e.len() == 3)
+    });
+    assert!(
+        r["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["parent"] != "node2"),
+        "node2 relays: {r}"
+    );
+    sync_ok(&c);
+    for t in ["node3", "node4"] {
+        assert_identical(&source, &c.root(t).unwrap());
+    }
+    let img = c.root("node2").unwrap();
+    assert_eq!(fs::read(img.join("img/a/x.jpg")).unwrap(), noise(5, 70_000));
+    assert!(!img.join("img/a/x.html").exists() && !img.join("index.html").exists());
+    assert!(own.exists(), "the image server's own file was removed");
 }

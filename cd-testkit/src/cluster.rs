@@ -664,6 +664,25 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Runs `cdctl ARGS` against daemon `name` (ARGS should ask for `--json`); returns
+    /// its exit code and its output parsed, whatever the exit code, as long as it
+    /// printed JSON.
+    pub fn cdctl_json(&self, name: &str, args: &[&str], timeout: Duration) -> Result<(i32, Value)> {
+        let mut c = self.cdctl(name)?;
+        c.args(args);
+        let out = run(c, timeout)?;
+        let v = serde_json::from_str(out.stdout.trim()).with_context(|| {
+            format!(
+                "cdctl {} ({name}) exited {} and printed {:?}; stderr: {}",
+                args.join(" "),
+                out.status,
+                out.stdout,
+                out.stderr.trim()
+            )
+        })?;
+        Ok((out.status.code().unwrap_or(-1), v))
+    }
+
     /// Fails if daemon `name` has exited (reaping it), with its log tail.
     fn check_alive(&mut self, name: &str) -> Result<()> {
         let d = self.daemon_mut(name)?;
