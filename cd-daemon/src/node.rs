@@ -357,6 +357,9 @@ impl Node {
                     "root": s.root,
                     "is_source": a.as_ref().map(|a| a.is_source),
                     "source": a.as_ref().map(|a| a.source.clone()),
+                    // Where this node receives the set from, and whom it passes it to.
+                    "parent": a.as_ref().map(|a| a.parent.clone()).filter(|p| !p.is_empty()),
+                    "holds": s.replica.lock().unwrap().last_applied.as_ref().map(|(o, q)| serde_json::json!({"origin": o, "seq": q})),
                     "targets": a.as_ref().map(|a| a.targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
                     "last_sync": *s.last_sync.lock().unwrap(),
                     "realtime": s.realtime.lock().unwrap().as_ref().is_some_and(|h| !h.is_finished()),
