@@ -18,8 +18,30 @@ use tokio::net::{UnixListener, UnixStream};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Sync { content_set: Option<String> },
-    TokenCreate { ttl_seconds: u64 },
+    Sync {
+        content_set: Option<String>,
+        /// Plan only: what would be sent, removed and changed; nothing is.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    TokenCreate {
+        ttl_seconds: u64,
+    },
+    /// The master's job log, newest first.
+    Jobs {
+        content_set: Option<String>,
+        /// 0 = the default (50).
+        #[serde(default)]
+        limit: usize,
+        #[serde(default)]
+        failed: bool,
+    },
+    /// One job with its per-target results and events.
+    Job {
+        id: u64,
+    },
+    /// Per-node and per-link statistics from the job log.
+    Stats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -12,13 +12,15 @@
 //!   certificate does not chain to the cluster CA (refused in the TLS handshake).
 //!
 //! The master is not on the data path: content flows from source to replicas
-//! directly. Job history is kept in memory here (the SQLite job log comes with the
-//! topology work).
+//! directly. Jobs, their per-target results and cluster events go to the SQLite job
+//! log ([`crate::joblog`]); running jobs and schedules is in [`jobs`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod jobs;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cd_proto::pb::{self, envelope::Msg};
@@ -27,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, MasterConfig};
+use crate::joblog::JobLog;
 use crate::net::{self, ServerConn};
 use crate::node::now_unix;
 use crate::pki::{self, CaSigner, Identity, TokenStore};
@@ -35,7 +38,6 @@ use crate::pki::{self, CaSigner, Identity, TokenStore};
 const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// A node silent for this long is dropped.
 const SESSION_IDLE: Duration = Duration::from_secs(30);
-const JOB_HISTORY: usize = 200;
 
 #[derive(Debug)]
 struct Session {
@@ -49,9 +51,9 @@ struct Session {
 struct State {
     sessions: BTreeMap<String, Session>,
     next_session: u64,
-    next_job: u64,
     pending: HashMap<u64, (String, oneshot::Sender<pb::JobReport>)>,
-    history: VecDeque<pb::JobReport>,
+    /// The last finished job of each content set (JSON, for `status`).
+    last: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug)]
@@ -63,6 +65,9 @@ pub struct Master {
     ca_pin: [u8; 32],
     tokens: Mutex<TokenStore>,
     state: Mutex<State>,
+    joblog: Arc<JobLog>,
+    /// Scheduled content sets' timers, by set.
+    timers: Mutex<BTreeMap<String, jobs::Timer>>,
 }
 
 impl Master {
@@ -82,6 +87,17 @@ impl Master {
             .with_context(|| format!("bind master listener {}", mcfg.listen))?;
         let listen = listener.local_addr()?;
         std::fs::create_dir_all(&cfg.state_dir)?;
+        let log_path = cfg.state_dir.join("joblog.sqlite");
+        let retention = mcfg.job_log_retention_days;
+        let joblog = Arc::new(
+            tokio::task::spawn_blocking(move || JobLog::open_with(&log_path, retention)).await??,
+        );
+        let last = joblog
+            .last_per_set()
+            .await?
+            .into_iter()
+            .filter_map(|j| Some((j["content_set"].as_str()?.to_owned(), j)))
+            .collect();
         let master = Arc::new(Master {
             name: cfg.name.clone(),
             listen,
@@ -89,11 +105,14 @@ impl Master {
             ca_pin: identity.ca_fingerprint(),
             tokens: Mutex::new(TokenStore::load(cfg.state_dir.join("tokens.json"))),
             state: Mutex::new(State {
-                next_job: 1,
+                last,
                 ..Default::default()
             }),
+            joblog,
+            timers: Mutex::new(BTreeMap::new()),
             cfg: mcfg,
         });
+        master.start_timers();
         tracing::info!(listen = %listen, "master started");
         tokio::spawn(
             master
@@ -136,88 +155,11 @@ impl Master {
             .content_sets
             .iter()
             .map(|s| {
-                let last = st.history.iter().rev().find(|r| r.content_set == s.name).map(report_json);
-                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "filter": crate::config::filter_json(&s.filter), "last_job": last})
+                let last = st.last.get(&s.name).cloned();
+                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "schedule": self.schedule_json(s), "filter": crate::config::filter_json(&s.filter), "last_job": last})
             })
             .collect();
         serde_json::json!({ "listen": self.listen.to_string(), "nodes": nodes, "content_sets": sets })
-    }
-
-    /// Runs a sync job for `set` (the only one when `None`) on its source; waits for the report.
-    pub async fn run_job(&self, set: Option<&str>) -> anyhow::Result<serde_json::Value> {
-        let cs = match set {
-            Some(n) => self
-                .cfg
-                .content_sets
-                .iter()
-                .find(|s| s.name == n)
-                .with_context(|| format!("no content set `{n}`"))?,
-            None => match self.cfg.content_sets.as_slice() {
-                [one] => one,
-                [] => bail!("no content sets are configured"),
-                _ => bail!("several content sets are configured: name one"),
-            },
-        };
-        let (tx, rx) = oneshot::channel();
-        let job_id = {
-            let mut st = self.state.lock().unwrap();
-            let Some(session) = st.sessions.get(&cs.source) else {
-                bail!(
-                    "source node `{}` of `{}` is not connected",
-                    cs.source,
-                    cs.name
-                );
-            };
-            let session_tx = session.tx.clone();
-            let job_id = st.next_job;
-            st.next_job += 1;
-            st.pending.insert(job_id, (cs.source.clone(), tx));
-            session_tx
-                .try_send(Msg::SyncRequest(pb::SyncRequest {
-                    job_id,
-                    content_set: cs.name.clone(),
-                }))
-                .map_err(|e| anyhow::anyhow!("cannot reach `{}`: {e}", cs.source))?;
-            job_id
-        };
-        tracing::info!(job_id, content_set = %cs.name, source = %cs.source, "job started");
-        let started = Instant::now();
-        let report = match tokio::time::timeout(JOB_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => bail!(
-                "job {job_id}: source `{}` disconnected before reporting",
-                cs.source
-            ),
-            Err(_) => {
-                self.state.lock().unwrap().pending.remove(&job_id);
-                bail!("job {job_id}: no report within {JOB_TIMEOUT:?}");
-            }
-        };
-        // Targets that were never reached still belong in the report.
-        let mut report = report;
-        for t in &cs.targets {
-            if !report.targets.iter().any(|r| &r.target == t) && report.error.is_empty() {
-                report.targets.push(pb::TargetResult {
-                    target: t.clone(),
-                    ok: false,
-                    error: "not attempted".into(),
-                    ..Default::default()
-                });
-            }
-        }
-        let ok = report.error.is_empty() && report.targets.iter().all(|t| t.ok);
-        tracing::info!(
-            job_id,
-            ok,
-            took_ms = started.elapsed().as_millis() as u64,
-            "job finished"
-        );
-        let mut st = self.state.lock().unwrap();
-        st.history.push_back(report.clone());
-        if st.history.len() > JOB_HISTORY {
-            st.history.pop_front();
-        }
-        Ok(report_json(&report))
     }
 
     fn assignment_for(&self, node: &str, st: &State) -> pb::Assignment {
@@ -419,17 +361,7 @@ impl Master {
             };
             match msg {
                 Msg::Heartbeat(_) => {}
-                Msg::JobReport(r) => {
-                    let waiter = self.state.lock().unwrap().pending.remove(&r.job_id);
-                    match waiter {
-                        Some((_, w)) => {
-                            let _ = w.send(r);
-                        }
-                        None => {
-                            tracing::info!(node = %name, job_id = r.job_id, "report for a job nobody waits for")
-                        }
-                    }
-                }
+                Msg::JobReport(r) => self.take_report(&name, r),
                 m => tracing::warn!(node = %name, msg = %net::msg_name(&m), "unexpected message"),
             }
         };
@@ -460,6 +392,7 @@ impl Master {
 pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
     serde_json::json!({
         "job_id": r.job_id,
+        "kind": if r.kind.is_empty() { "sync" } else { &r.kind },
         "content_set": r.content_set,
         "seq": r.seq,
         "scan_ms": r.scan_ms,
@@ -472,6 +405,8 @@ pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
             "removed": t.removed, "meta_only": t.meta_only, "duration_ms": t.duration_ms, "resent": t.resent,
             "delta_files": t.delta_files, "delta_bytes": t.delta_bytes,
             "patch_bytes": t.patch_bytes, "signature_exchanges": t.signature_exchanges,
+            "via": t.via, "link_class": t.link_class,
+            "planned": t.planned.as_ref().map(crate::joblog::planned_json),
         })).collect::<Vec<_>>(),
     })
 }

@@ -45,6 +45,9 @@ use crate::realtime::{self, CaptureService};
 use crate::shipped::{self, Shipped};
 use crate::transfer::{self, OutBody, Outgoing, ReceiveContext, ReplicaState};
 
+mod dryrun;
+mod report;
+
 /// Rounds a job may take when files keep changing under it.
 const MAX_ROUNDS: u32 = 3;
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -434,7 +437,11 @@ impl Node {
                     let node = self.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        let report = node.run_job(&r.content_set, r.job_id).await;
+                        let report = if r.dry_run {
+                            node.dry_run_job(&r.content_set, r.job_id).await
+                        } else {
+                            node.run_job(&r.content_set, r.job_id).await
+                        };
                         let _ = tx.send(Msg::JobReport(report)).await;
                     });
                 }
@@ -585,13 +592,16 @@ impl Node {
         }
         let seq = self.current_seq(set);
         let mut report = pb::JobReport::default();
+        let started_ms = crate::joblog::now_ms();
         tracing::info!(content_set = set, targets = ?targets, seq, "catching up reconnected targets");
-        if let Err(e) = self
+        let r = self
             .full_rounds(set, 0, seq, Some(&targets), &mut report)
             .await
-        {
-            tracing::warn!(content_set = set, error = %format!("{e:#}"), "catch-up failed");
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &r {
+            tracing::warn!(content_set = set, error = %e, "catch-up failed");
         }
+        self.report_round("catch_up", set, started_ms, report, r);
     }
 
     /// The real-time loop of one source content set. It waits on events and on the
@@ -744,7 +754,21 @@ impl Node {
                     return (idx, true);
                 };
                 let t0 = Instant::now();
-                let r = node.ship_batch(&name, state, &batch, &mut idx).await;
+                let started_ms = crate::joblog::now_ms();
+                let mut report = pb::JobReport {
+                    changes: batch.changes.len() as u64,
+                    ..Default::default()
+                };
+                let r = node
+                    .ship_batch(&name, state, &batch, &mut idx, &mut report)
+                    .await;
+                node.report_round(
+                    "realtime",
+                    &name,
+                    started_ms,
+                    report,
+                    r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+                );
                 let (ok, error) = match &r {
                     Ok(()) => (true, None),
                     Err(e) => {
@@ -818,6 +842,7 @@ impl Node {
         state: &SetState,
         batch: &cd_core::coalesce::Batch,
         index: &mut fs::HashIndex,
+        report: &mut pb::JobReport,
     ) -> anyhow::Result<()> {
         let assignment = state
             .assignment
@@ -847,7 +872,7 @@ impl Node {
             .filter(|t| !t.data_addr.is_empty())
             .map(|t| t.name.clone())
             .collect();
-        let mut report = pb::JobReport::default();
+        report.seq = seq;
         if resolved.rescanned > 0 {
             state
                 .rescans_subtree
@@ -873,7 +898,7 @@ impl Node {
                 "real-time batch needs a full reconcile"
             );
             return self
-                .full_rounds(set, 0, seq, Some(&connected), &mut report)
+                .full_rounds(set, 0, seq, Some(&connected), report)
                 .await;
         }
         if resolved.changes.is_empty() {
@@ -943,13 +968,17 @@ impl Node {
             let node = self.clone();
             let out = out.clone();
             tasks.spawn(async move {
+                let t = Instant::now();
                 let r = node.send_to(&peer, &out).await;
-                (peer, r)
+                (peer, r, t.elapsed())
             });
         }
         let mut fallback = Vec::new();
         while let Some(joined) = tasks.join_next().await {
-            let (peer, r) = joined.context("transfer task panicked")?;
+            let (peer, r, took) = joined.context("transfer task panicked")?;
+            report
+                .targets
+                .push(report::incremental_result(&peer.name, &r, took));
             match r {
                 Ok(st)
                     if st.apply.ok
@@ -970,8 +999,10 @@ impl Node {
             }
         }
         if !fallback.is_empty() {
-            self.full_rounds(set, 0, seq, Some(&fallback), &mut report)
-                .await?;
+            let incremental = std::mem::take(&mut report.targets);
+            let r = self.full_rounds(set, 0, seq, Some(&fallback), report).await;
+            report::merge_fallback(report, incremental);
+            r?;
         }
         Ok(())
     }
