@@ -36,6 +36,9 @@
 //!   command), and that it does not relay until then.
 //! - [`lww`]: N:M content sets: hybrid logical clocks, version vectors, and
 //!   last-writer-wins per path with conflict records for the job log.
+//! - [`schedule`]: when a scheduled content set runs: 5-field cron expressions (Vixie
+//!   cron's day-of-month/day-of-week rule) and fixed intervals, matched against
+//!   wall-clock fields that the caller's time zone converts (no clock read here).
 
 #![forbid(unsafe_code)]
 
@@ -50,6 +53,7 @@ pub mod manifest;
 pub mod path;
 pub mod plan;
 pub mod route;
+pub mod schedule;
 #[cfg(test)]
 mod testutil;
 pub mod topology;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::fs::FileIoChoice;
 use cd_core::filter::{CommandMask, Filter, FilterError, Pattern};
+pub use cd_core::schedule::Schedule;
 use cd_core::topology::{LinkClass, ServerSpec, Topology};
 use serde::Deserialize;
 use toml::Spanned;
@@ -58,6 +59,8 @@ pub struct MasterConfig {
     /// Policy per link class (`[master.link_classes.same_group]`, `same_region`,
     /// `international`): overrides the content set's value for links of that class.
     pub link_classes: BTreeMap<LinkClass, LinkPolicy>,
+    /// Days of jobs and events the job log keeps (`job_log_retention_days`, default 30).
+    pub job_log_retention_days: u32,
 }
 
 /// What a link class overrides of a content set's transfer policy (`None`: keep it).
@@ -121,6 +124,9 @@ pub struct MasterContentSet {
     /// `trusted_peers`.
     pub encryption: bool,
     pub mode: SyncMode,
+    /// `mode = "scheduled"`: `schedule = "0 3 * * *"` (cron, the master's local time)
+    /// or `every = "15m"`. `None` for the other modes.
+    pub schedule: Option<Schedule>,
     /// `include`, `exclude` and `commands`: what the set syncs and which changes it
     /// may make on its replicas (everything when none is given).
     pub filter: Filter,
@@ -156,6 +162,8 @@ pub enum SyncMode {
     Manual,
     /// Changes are captured in the kernel and shipped as they happen (plus `cdctl sync`).
     Realtime,
+    /// The master runs a sync job on a timer (`schedule` or `every`), plus `cdctl sync`.
+    Scheduled,
 }
 
 /// Which kernel capture backend a node uses for its real-time content sets.
@@ -233,6 +241,7 @@ struct RawLog {
 struct RawMaster {
     listen: Spanned<String>,
     pki_dir: Spanned<PathBuf>,
+    job_log_retention_days: Option<Spanned<i64>>,
     #[serde(default)]
     content_sets: Vec<RawMasterSet>,
     #[serde(default)]
@@ -284,6 +293,8 @@ struct RawMasterSet {
     delta: Option<Spanned<String>>,
     encryption: Option<bool>,
     mode: Option<Spanned<String>>,
+    schedule: Option<Spanned<String>>,
+    every: Option<Spanned<String>>,
     include: Option<Vec<Spanned<String>>>,
     exclude: Option<Vec<Spanned<String>>>,
     commands: Option<RawCommands>,
@@ -428,10 +439,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 let mode = match s.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
                     None | Some(("manual", _)) => SyncMode::Manual,
                     Some(("realtime", _)) => SyncMode::Realtime,
+                    Some(("scheduled", _)) => SyncMode::Scheduled,
                     Some((other, span)) => {
                         return Err(err(
                             span,
-                            format!("mode `{other}` is not one of manual, realtime"),
+                            format!("mode `{other}` is not one of manual, realtime, scheduled"),
                         ));
                     }
                 };
@@ -472,6 +484,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     None => CatchUp::Immediate,
                     Some(c) => parse_catch_up(c.get_ref()).map_err(|r| err(c.span(), r))?,
                 };
+                let schedule = parse_schedule(text, s, mode).map_err(|(span, r)| err(span, r))?;
                 let patterns = |list: &'static str, raw: &Option<Vec<Spanned<String>>>| {
                     raw.iter()
                         .flatten()
@@ -532,6 +545,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         }
                         out
                     },
+                    schedule,
                     routing,
                     routes,
                     catch_up,
@@ -589,12 +603,26 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     );
                 }
             }
+            let job_log_retention_days = match &m.job_log_retention_days {
+                None => crate::joblog::DEFAULT_RETENTION_DAYS,
+                Some(d) if (1..=36_500).contains(d.get_ref()) => *d.get_ref() as u32,
+                Some(d) => {
+                    return Err(err(
+                        d.span(),
+                        format!(
+                            "job_log_retention_days {} is out of range 1..=36500",
+                            d.get_ref()
+                        ),
+                    ));
+                }
+            };
             let mc = MasterConfig {
                 listen,
                 pki_dir,
                 content_sets: sets,
                 servers,
                 link_classes,
+                job_log_retention_days,
             };
             mc.topology()
                 .map_err(|e| err(0..0, format!("[[master.servers]]: {e}")))?;
@@ -824,6 +852,52 @@ impl Config {
             r.push("node");
         }
         r
+    }
+}
+
+/// A scheduled set's `schedule` (cron) or `every` (interval): exactly one of them, and
+/// only with `mode = "scheduled"`. A bad expression is located at its bad field.
+fn parse_schedule(
+    text: &str,
+    s: &RawMasterSet,
+    mode: SyncMode,
+) -> Result<Option<Schedule>, (Range<usize>, String)> {
+    use cd_core::schedule::{Cron, parse_every};
+    let given = s.schedule.as_ref().or(s.every.as_ref());
+    if mode != SyncMode::Scheduled {
+        return match given {
+            Some(v) => Err((
+                v.span(),
+                "`schedule` and `every` need mode = \"scheduled\"".into(),
+            )),
+            None => Ok(None),
+        };
+    }
+    // Where the string's content starts: after its opening quote, when it has no
+    // escapes (so byte offsets in the value are byte offsets in the file).
+    let at = |v: &Spanned<String>, offset: usize| {
+        let span = v.span();
+        let raw = text.get(span.clone()).unwrap_or_default();
+        let start = if raw.len() == v.get_ref().len() + 2 {
+            span.start + 1 + offset
+        } else {
+            span.start
+        };
+        start..span.end
+    };
+    match (&s.schedule, &s.every) {
+        (Some(c), None) => Cron::parse(c.get_ref())
+            .map(|c| Some(Schedule::Cron(c)))
+            .map_err(|e| (at(c, e.at), format!("schedule: {}", e.reason))),
+        (None, Some(e)) => parse_every(e.get_ref())
+            .map(|seconds| Some(Schedule::Every { seconds }))
+            .map_err(|x| (at(e, x.at), format!("every: {}", x.reason))),
+        (Some(_), Some(e)) => Err((e.span(), "set `schedule` or `every`, not both".into())),
+        (None, None) => Err((
+            s.mode.as_ref().map_or(s.name.span(), Spanned::span),
+            "mode = \"scheduled\" needs `schedule = \"MIN HOUR DOM MON DOW\"` or `every = \"15m\"`"
+                .into(),
+        )),
     }
 }
 
@@ -1267,6 +1341,94 @@ root = "/srv/www"
         assert!(e.reason.contains("unopened group"), "{e}");
     }
 
+    #[test]
+    fn scheduled_sets_and_retention() {
+        let c = p(&format!(
+            "{MASTER_SET}mode = \"scheduled\"\nschedule = \"0 3 * * *\"\n"
+        ))
+        .unwrap();
+        let m = c.master.unwrap();
+        assert_eq!(m.job_log_retention_days, 30);
+        let set = &m.content_sets[0];
+        assert_eq!(set.mode, SyncMode::Scheduled);
+        assert!(matches!(&set.schedule, Some(Schedule::Cron(c)) if c.as_str() == "0 3 * * *"));
+        let c = p(&format!(
+            "{MASTER_SET}mode = \"scheduled\"\nevery = \"15m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.master.unwrap().content_sets[0].schedule,
+            Some(Schedule::Every { seconds: 900 })
+        );
+        assert!(
+            p(MASTER_SET).unwrap().master.unwrap().content_sets[0]
+                .schedule
+                .is_none()
+        );
+        let c = p(&MASTER_SET.replace(
+            "pki_dir = \"/etc/cdsync/pki\"\n",
+            "pki_dir = \"/etc/cdsync/pki\"\njob_log_retention_days = 7\n",
+        ))
+        .unwrap();
+        assert_eq!(c.master.unwrap().job_log_retention_days, 7);
+    }
+
+    #[test]
+    fn bad_schedules_are_located() {
+        // (extra lines, the text the error must point at, words of the reason)
+        let cases = [
+            (
+                "mode = \"scheduled\"\nschedule = \"0 25 * * *\"",
+                "25 * * *\"",
+                "schedule: hour: 25 is out of range 0-23",
+            ),
+            (
+                "mode = \"scheduled\"\nschedule = \"0 3 * *\"",
+                "0 3 * *\"",
+                "5 fields",
+            ),
+            (
+                "mode = \"scheduled\"\nschedule = \"*/15 * * * mon-sat,x\"",
+                "x\"",
+                "day name",
+            ),
+            (
+                "mode = \"scheduled\"\nevery = \"15w\"",
+                "w\"",
+                "every: interval `15w`",
+            ),
+            (
+                "mode = \"scheduled\"\nevery = \"2s\"\nschedule = \"* * * * *\"",
+                "\"2s\"",
+                "not both",
+            ),
+            ("mode = \"scheduled\"", "\"scheduled\"", "needs `schedule"),
+            ("every = \"2s\"", "\"2s\"", "need mode = \"scheduled\""),
+            (
+                "mode = \"realtime\"\nschedule = \"* * * * *\"",
+                "\"* * * * *\"",
+                "need mode",
+            ),
+            ("schedule = 5", "5", "invalid type"),
+        ];
+        for (extra, at, why) in cases {
+            let text = format!("{MASTER_SET}{extra}\n");
+            let e = p(&text).unwrap_err();
+            let offset = text.rfind(at).unwrap();
+            let line = text[..offset].matches('\n').count() + 1;
+            let column = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+            assert_eq!((e.line, e.column), (line, column), "{extra}: {e}");
+            assert!(e.reason.contains(why), "{extra}: {e}");
+        }
+        let e = p(&MASTER_SET.replace(
+            "pki_dir = \"/etc/cdsync/pki\"\n",
+            "pki_dir = \"/etc/cdsync/pki\"\njob_log_retention_days = 0\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.reason.contains("out of range"), "{e}");
+    }
+
     fn c_delta(c: &Config) -> DeltaMode {
         c.master.as_ref().unwrap().content_sets[0].delta
     }
@@ -1287,7 +1449,10 @@ targets = ["node2", "node3"]
         let c = p(base).unwrap();
         assert_eq!(c.master.unwrap().content_sets[0].zstd_level, 3);
         let e = p(&format!("{base}mode = \"sometimes\"\n")).unwrap_err();
-        assert!(e.reason.contains("not one of manual, realtime"), "{e}");
+        assert!(
+            e.reason.contains("not one of manual, realtime, scheduled"),
+            "{e}"
+        );
         let c = p(&format!("{base}mode = \"realtime\"\n")).unwrap();
         assert_eq!(c.master.unwrap().content_sets[0].mode, SyncMode::Realtime);
         assert_eq!(c_delta(&p(base).unwrap()), DeltaMode::Auto);

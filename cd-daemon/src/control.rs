@@ -20,6 +20,9 @@ pub enum Request {
     Status,
     Sync {
         content_set: Option<String>,
+        /// Plan only: what would be sent, removed and changed; nothing is.
+        #[serde(default)]
+        dry_run: bool,
     },
     TokenCreate {
         ttl_seconds: u64,
@@ -39,6 +42,21 @@ pub enum Request {
         seq: Option<u64>,
         timeout_ms: u64,
     },
+    /// The master's job log, newest first.
+    Jobs {
+        content_set: Option<String>,
+        /// 0 = the default (50).
+        #[serde(default)]
+        limit: usize,
+        #[serde(default)]
+        failed: bool,
+    },
+    /// One job with its per-target results and events.
+    Job {
+        id: u64,
+    },
+    /// Per-node and per-link statistics from the job log.
+    Stats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

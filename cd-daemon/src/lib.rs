@@ -13,7 +13,9 @@ pub mod config;
 pub mod control;
 pub mod delta;
 pub mod fs;
+pub mod joblog;
 pub mod link;
+pub mod localtime;
 pub mod master;
 pub mod net;
 pub mod node;
@@ -41,11 +43,23 @@ impl Handler for Daemon {
     async fn handle(self: Arc<Self>, req: Request) -> Result<serde_json::Value, String> {
         match req {
             Request::Status => Ok(self.status()),
-            Request::Sync { content_set } => match (&self.master, &self.node) {
-                (Some(m), _) => m
-                    .run_job(content_set.as_deref())
-                    .await
-                    .map_err(|e| format!("{e:#}")),
+            Request::Sync {
+                content_set,
+                dry_run,
+            } => match (&self.master, &self.node) {
+                (Some(m), _) => {
+                    let kind = if dry_run {
+                        joblog::JobKind::DryRun
+                    } else {
+                        joblog::JobKind::Sync
+                    };
+                    m.run_job(content_set.as_deref(), kind)
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+                (None, Some(_)) if dry_run => {
+                    Err("dry runs are started on the master (cdctl sync --dry-run there)".into())
+                }
                 (None, Some(n)) => {
                     let set = match content_set {
                         Some(s) => s,
@@ -87,11 +101,32 @@ impl Handler for Daemon {
                 Some(m) => m.create_token(ttl_seconds).map_err(|e| format!("{e:#}")),
                 None => Err("join tokens are created on the master".into()),
             },
+            Request::Jobs {
+                content_set,
+                limit,
+                failed,
+            } => {
+                let q = joblog::JobQuery {
+                    content_set,
+                    limit,
+                    failed,
+                };
+                self.master()?.jobs(q).await.map_err(|e| format!("{e:#}"))
+            }
+            Request::Job { id } => self.master()?.job(id).await.map_err(|e| format!("{e:#}")),
+            Request::Stats => self.master()?.stats().await.map_err(|e| format!("{e:#}")),
         }
     }
 }
 
 impl Daemon {
+    /// The master role, or the error a request for it gets on a node.
+    fn master(&self) -> Result<&Arc<master::Master>, String> {
+        self.master
+            .as_ref()
+            .ok_or_else(|| "the job log is on the master: use the master's control socket".into())
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let mut errors: Vec<String> = Vec::new();
         let node = self.node.as_ref().map(|n| {

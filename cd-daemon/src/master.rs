@@ -12,8 +12,10 @@
 //!   certificate does not chain to the cluster CA (refused in the TLS handshake).
 //!
 //! The master is not on the data path: content flows from source to replicas
-//! directly. Job history is kept in memory here (the SQLite job log comes with the
-//! topology work).
+//! directly. Jobs, their per-target results and cluster events go to the SQLite job
+//! log ([`crate::joblog`]); running jobs and schedules is in [`jobs`].
+
+mod jobs;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, MasterConfig};
+use crate::joblog::JobLog;
 use crate::net::{self, ServerConn};
 use crate::node::now_unix;
 use crate::pki::{self, CaSigner, Identity, TokenStore};
@@ -36,7 +39,6 @@ use crate::routing::{Farm, FarmEvent, class_name};
 const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// A node silent for this long is dropped.
 const SESSION_IDLE: Duration = Duration::from_secs(30);
-const JOB_HISTORY: usize = 200;
 
 #[derive(Debug)]
 struct Session {
@@ -57,9 +59,9 @@ struct State {
     events: VecDeque<serde_json::Value>,
     sessions: BTreeMap<String, Session>,
     next_session: u64,
-    next_job: u64,
     pending: HashMap<u64, (String, oneshot::Sender<pb::JobReport>)>,
-    history: VecDeque<pb::JobReport>,
+    /// The last finished job of each content set (JSON, for `status`).
+    last: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug)]
@@ -71,6 +73,9 @@ pub struct Master {
     ca_pin: [u8; 32],
     tokens: Mutex<TokenStore>,
     state: Mutex<State>,
+    joblog: Arc<JobLog>,
+    /// Scheduled content sets' timers, by set.
+    timers: Mutex<BTreeMap<String, jobs::Timer>>,
 }
 
 impl Master {
@@ -90,6 +95,17 @@ impl Master {
             .with_context(|| format!("bind master listener {}", mcfg.listen))?;
         let listen = listener.local_addr()?;
         std::fs::create_dir_all(&cfg.state_dir)?;
+        let log_path = cfg.state_dir.join("joblog.sqlite");
+        let retention = mcfg.job_log_retention_days;
+        let joblog = Arc::new(
+            tokio::task::spawn_blocking(move || JobLog::open_with(&log_path, retention)).await??,
+        );
+        let last = joblog
+            .last_per_set()
+            .await?
+            .into_iter()
+            .filter_map(|j| Some((j["content_set"].as_str()?.to_owned(), j)))
+            .collect();
         let master = Arc::new(Master {
             name: cfg.name.clone(),
             listen,
@@ -99,15 +115,17 @@ impl Master {
             state: Mutex::new(State {
                 farm: Farm::new(&mcfg)?,
                 events: VecDeque::new(),
+                last,
                 sessions: BTreeMap::new(),
                 next_session: 0,
-                next_job: 1,
                 pending: HashMap::new(),
-                history: VecDeque::new(),
             }),
+            joblog,
+            timers: Mutex::new(BTreeMap::new()),
             cfg: mcfg,
         });
         tokio::spawn(master.clone().farm_clock());
+        master.start_timers();
         tracing::info!(listen = %listen, "master started");
         tokio::spawn(
             master
@@ -150,90 +168,12 @@ impl Master {
             .content_sets
             .iter()
             .map(|s| {
-                let last = st.history.iter().rev().find(|r| r.content_set == s.name).map(report_json);
-                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "filter": crate::config::filter_json(&s.filter), "last_job": last, "routes": st.farm.routes_json(&s.name)})
+                let last = st.last.get(&s.name).cloned();
+                serde_json::json!({"name": s.name, "source": s.source, "targets": s.targets, "mode": s.mode, "schedule": self.schedule_json(s), "filter": crate::config::filter_json(&s.filter), "last_job": last, "routes": st.farm.routes_json(&s.name)})
             })
             .collect();
         let events: Vec<&serde_json::Value> = st.events.iter().rev().take(50).collect();
         serde_json::json!({ "listen": self.listen.to_string(), "nodes": nodes, "content_sets": sets, "events": events })
-    }
-
-    /// Runs a sync job for `set` (the only one when `None`) on its source; waits for the report.
-    pub async fn run_job(&self, set: Option<&str>) -> anyhow::Result<serde_json::Value> {
-        let cs = self.set_named(set)?;
-        let (tx, rx) = oneshot::channel();
-        let job_id = {
-            let mut st = self.state.lock().unwrap();
-            let Some(session) = st.sessions.get(&cs.source) else {
-                bail!(
-                    "source node `{}` of `{}` is not connected",
-                    cs.source,
-                    cs.name
-                );
-            };
-            let session_tx = session.tx.clone();
-            let job_id = st.next_job;
-            st.next_job += 1;
-            st.pending.insert(job_id, (cs.source.clone(), tx));
-            session_tx
-                .try_send(Msg::SyncRequest(pb::SyncRequest {
-                    job_id,
-                    content_set: cs.name.clone(),
-                }))
-                .map_err(|e| anyhow::anyhow!("cannot reach `{}`: {e}", cs.source))?;
-            job_id
-        };
-        tracing::info!(job_id, content_set = %cs.name, source = %cs.source, "job started");
-        let started = Instant::now();
-        let report = match tokio::time::timeout(JOB_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => bail!(
-                "job {job_id}: source `{}` disconnected before reporting",
-                cs.source
-            ),
-            Err(_) => {
-                self.state.lock().unwrap().pending.remove(&job_id);
-                bail!("job {job_id}: no report within {JOB_TIMEOUT:?}");
-            }
-        };
-        // Targets that were never reached still belong in the report, with why.
-        let mut report = report;
-        {
-            let st = self.state.lock().unwrap();
-            let routes = st.farm.routes(&cs.name);
-            for t in &cs.targets {
-                if !report.targets.iter().any(|r| &r.target == t) && report.error.is_empty() {
-                    let error = match routes.and_then(|r| r.unreached.get(t)) {
-                        Some(why) => format!("not routed: {why}"),
-                        None => match routes.and_then(|r| r.parent(t)) {
-                            Some(p) => format!(
-                                "not attempted: its parent `{p}` did not pass the change set on"
-                            ),
-                            None => "not attempted".into(),
-                        },
-                    };
-                    report.targets.push(pb::TargetResult {
-                        target: t.clone(),
-                        ok: false,
-                        error,
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-        let ok = report.error.is_empty() && report.targets.iter().all(|t| t.ok);
-        tracing::info!(
-            job_id,
-            ok,
-            took_ms = started.elapsed().as_millis() as u64,
-            "job finished"
-        );
-        let mut st = self.state.lock().unwrap();
-        st.history.push_back(report.clone());
-        if st.history.len() > JOB_HISTORY {
-            st.history.pop_front();
-        }
-        Ok(report_json(&report))
     }
 
     fn assignment_for(&self, node: &str, st: &State) -> pb::Assignment {
@@ -302,9 +242,18 @@ impl Master {
     }
 
     /// Logs farm events and keeps them for `status`.
-    fn record_events(st: &mut State, events: Vec<FarmEvent>) {
+    /// Logs farm events, keeps the last ones for `status`, and writes them all to the
+    /// job log.
+    fn record_events(&self, st: &mut State, events: Vec<FarmEvent>) {
         for e in events {
             tracing::info!(event = e.kind, node = %e.node, content_set = ?e.content_set, detail = %e.detail, "farm");
+            self.joblog.event(
+                e.kind,
+                Some(&e.node),
+                e.content_set.as_deref(),
+                None,
+                &e.detail,
+            );
             st.events.push_back(serde_json::json!({
                 "at_unix": now_unix(), "kind": e.kind, "node": e.node,
                 "content_set": e.content_set, "detail": e.detail,
@@ -322,7 +271,7 @@ impl Master {
             let mut st = self.state.lock().unwrap();
             let ev = f(&mut st.farm);
             let any = !ev.is_empty();
-            Self::record_events(&mut st, ev);
+            self.record_events(&mut st, ev);
             any
         };
         if events {
@@ -622,17 +571,7 @@ impl Master {
                 Msg::LinkFailure(l) => self.farm_update(|f| {
                     f.link_failed(&l.content_set, &name, &l.child, &l.error, Instant::now())
                 }),
-                Msg::JobReport(r) => {
-                    let waiter = self.state.lock().unwrap().pending.remove(&r.job_id);
-                    match waiter {
-                        Some((_, w)) => {
-                            let _ = w.send(r);
-                        }
-                        None => {
-                            tracing::info!(node = %name, job_id = r.job_id, "report for a job nobody waits for")
-                        }
-                    }
-                }
+                Msg::JobReport(r) => self.take_report(&name, r),
                 m => tracing::warn!(node = %name, msg = %net::msg_name(&m), "unexpected message"),
             }
         };
@@ -646,7 +585,7 @@ impl Master {
             if st.sessions.get(&name).map(|s| s.id) == Some(id) {
                 st.sessions.remove(&name);
                 let ev = st.farm.disconnected(&name, &why);
-                Self::record_events(&mut st, ev);
+                self.record_events(&mut st, ev);
                 // Fail the jobs this node was running: their reports cannot come.
                 let dead: Vec<u64> = st
                     .pending
@@ -676,6 +615,7 @@ fn delta_pb(d: crate::config::DeltaMode) -> pb::DeltaMode {
 pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
     serde_json::json!({
         "job_id": r.job_id,
+        "kind": if r.kind.is_empty() { "sync" } else { &r.kind },
         "content_set": r.content_set,
         "seq": r.seq,
         "scan_ms": r.scan_ms,
@@ -686,8 +626,10 @@ pub fn report_json(r: &pb::JobReport) -> serde_json::Value {
             "target": t.target, "ok": t.ok, "error": t.error, "files_sent": t.files_sent,
             "bytes_sent": t.bytes_sent, "wire_bytes": t.wire_bytes, "reused_local": t.reused_local,
             "removed": t.removed, "meta_only": t.meta_only, "duration_ms": t.duration_ms, "resent": t.resent,
-            "delta_files": t.delta_files, "delta_bytes": t.delta_bytes, "via": t.via, "link_class": t.link_class,
+            "delta_files": t.delta_files, "delta_bytes": t.delta_bytes,
             "patch_bytes": t.patch_bytes, "signature_exchanges": t.signature_exchanges,
+            "via": t.via, "link_class": t.link_class,
+            "planned": t.planned.as_ref().map(crate::joblog::planned_json),
         })).collect::<Vec<_>>(),
     })
 }

@@ -45,6 +45,9 @@ use crate::realtime::{self, CaptureService};
 use crate::shipped::{self, Shipped};
 use crate::transfer::{self, OutBody, Outgoing, ReceiveContext, ReplicaState};
 
+mod dryrun;
+mod report;
+
 /// Rounds a job may take when files keep changing under it.
 const MAX_ROUNDS: u32 = 3;
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -485,7 +488,11 @@ impl Node {
                     let node = self.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        let report = node.run_job(&r.content_set, r.job_id).await;
+                        let report = if r.dry_run {
+                            node.dry_run_job(&r.content_set, r.job_id).await
+                        } else {
+                            node.run_job(&r.content_set, r.job_id).await
+                        };
                         let _ = tx.send(Msg::JobReport(report)).await;
                     });
                 }
@@ -645,13 +652,16 @@ impl Node {
             content_set: set.to_owned(),
             ..Default::default()
         };
+        let started_ms = crate::joblog::now_ms();
         tracing::info!(content_set = set, targets = ?targets, seq, "catching up reconnected targets");
-        if let Err(e) = self
+        let r = self
             .full_rounds(set, 0, seq, Some(&targets), &mut report)
             .await
-        {
-            tracing::warn!(content_set = set, error = %format!("{e:#}"), "catch-up failed");
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &r {
+            tracing::warn!(content_set = set, error = %e, "catch-up failed");
         }
+        self.report_round("catch_up", set, started_ms, report, r);
     }
 
     /// The change set this node's tree is, as a distributor: its own newest as the
@@ -817,7 +827,21 @@ impl Node {
                     return (idx, true);
                 };
                 let t0 = Instant::now();
-                let r = node.ship_batch(&name, state, &batch, &mut idx).await;
+                let started_ms = crate::joblog::now_ms();
+                let mut report = pb::JobReport {
+                    changes: batch.changes.len() as u64,
+                    ..Default::default()
+                };
+                let r = node
+                    .ship_batch(&name, state, &batch, &mut idx, &mut report)
+                    .await;
+                node.report_round(
+                    "realtime",
+                    &name,
+                    started_ms,
+                    report,
+                    r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+                );
                 let (ok, error) = match &r {
                     Ok(()) => (true, None),
                     Err(e) => {
@@ -891,6 +915,7 @@ impl Node {
         state: &SetState,
         batch: &cd_core::coalesce::Batch,
         index: &mut fs::HashIndex,
+        report: &mut pb::JobReport,
     ) -> anyhow::Result<()> {
         let assignment = state
             .assignment
@@ -920,7 +945,7 @@ impl Node {
             .filter(|t| !t.data_addr.is_empty())
             .map(|t| t.name.clone())
             .collect();
-        let mut report = pb::JobReport::default();
+        report.seq = seq;
         if resolved.rescanned > 0 {
             state
                 .rescans_subtree
@@ -946,7 +971,7 @@ impl Node {
                 "real-time batch needs a full reconcile"
             );
             return self
-                .full_rounds(set, 0, seq, Some(&connected), &mut report)
+                .full_rounds(set, 0, seq, Some(&connected), report)
                 .await;
         }
         if resolved.changes.is_empty() {
@@ -1013,7 +1038,14 @@ impl Node {
             .cloned()
             .collect();
         let mut fallback = Vec::new();
-        for (peer, r, _) in self.send_all(&out, connected_peers).await {
+        for (peer, r, took) in self.send_all(&out, connected_peers).await {
+            let mut tr = report::incremental_result(&peer.name, &r, took);
+            tr.via = self.name.clone();
+            tr.link_class = peer.link_class.clone();
+            report.targets.push(tr);
+            if let Ok(st) = &r {
+                report.targets.extend(st.apply.subtree.iter().cloned());
+            }
             match r {
                 Ok(st)
                     if st.apply.ok
@@ -1034,8 +1066,10 @@ impl Node {
             }
         }
         if !fallback.is_empty() {
-            self.full_rounds(set, 0, seq, Some(&fallback), &mut report)
-                .await?;
+            let incremental = std::mem::take(&mut report.targets);
+            let r = self.full_rounds(set, 0, seq, Some(&fallback), report).await;
+            report::merge_fallback(report, incremental);
+            r?;
         }
         Ok(())
     }
@@ -1604,7 +1638,11 @@ impl Node {
             // A relay passes the change set on before it answers, so the answer
             // covers its whole subtree.
             if let Some(body) = s.forward.take() {
-                s.apply.subtree = self.forward(&begin, body).await;
+                s.apply.subtree = if begin.dry_run {
+                    self.forward_dry_run(&begin, body).await
+                } else {
+                    self.forward(&begin, body).await
+                };
             }
             if let Err(e) = conn.send(Msg::ApplyResult(s.apply.clone())).await {
                 r = Err(e.into());

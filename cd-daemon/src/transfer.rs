@@ -21,6 +21,12 @@
 //! after the read and by its hash; it is re-read (torn copies are never shipped), and
 //! content that differs from the manifest is aborted and left for the next round of
 //! the same job.
+//!
+//! A dry run ([`dryrun`]) is the same exchange up to the need list; then the source
+//! ends it without sending any file and the replica answers with its plan, applying
+//! nothing.
+
+pub mod dryrun;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -157,6 +163,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         full,
         entry_count: count,
         base_seq,
+        dry_run: false,
     }))
     .await?;
     match &out.body {
@@ -680,6 +687,11 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &ReceiveContext,
     state: &mut ReplicaState,
 ) -> Result<ReceiveStats, TransferError> {
+    if begin.dry_run && !begin.full {
+        return Err(TransferError::Protocol(
+            "a dry run must carry a full manifest".into(),
+        ));
+    }
     if begin.entry_count > MAX_ENTRIES {
         return Err(TransferError::BadManifest(format!(
             "{} entries is more than {MAX_ENTRIES}",
@@ -867,6 +879,9 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     }
 
     send_signatures(conn, &root, &plan, &bases).await?;
+    if begin.dry_run {
+        return dryrun::answer(conn, &plan, stats).await;
+    }
 
     let mut stage = tokio::task::block_in_place(|| fs::Stage::new(&root))?;
     // apply() fsyncs each staged file right before renaming it into place.

@@ -487,6 +487,8 @@ fn change_during_read(plain: bool) {
         spec.max_rate = 4 * MIB as u64;
         spec.zstd_level = Some(0);
         spec.set_lines.push("encryption = false".into());
+        // Each replica judges the source itself: every link straight from it.
+        spec.set_lines.push("routing = \"direct\"".into());
         spec.node_lines
             .insert("node2".into(), vec!["trusted_peers = [\"node1\"]".into()]);
         Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"))
@@ -632,8 +634,6 @@ fn plaintext_only_when_both_agree() {
     let mut spec = ClusterSpec::new(4, tmp.path(), &cdd(), &cdctl());
     spec.zstd_level = Some(0);
     spec.set_lines.push("encryption = false".into());
-    // Each replica judges the source itself: every link straight from it.
-    spec.set_lines.push("routing = \"direct\"".into());
     spec.node_lines
         .insert("node2".into(), vec!["trusted_peers = [\"node1\"]".into()]);
     spec.node_lines
@@ -855,6 +855,23 @@ fn realtime_replicates(capture: &'static str) {
     wait_identical(&c, Duration::from_secs(60), "file closed after writing");
     let status = c.status(c.source()).unwrap();
     assert_eq!(status["node"]["capture"]["lost_total"], 0, "{status}");
+    // The source reported its change sets to the master's job log (best effort, so
+    // the last one may still be on its way: wait for one that sent files).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = master_json(&c, &["jobs", "--limit", "1000"]);
+        let shipped = jobs.as_array().unwrap().iter().any(|j| {
+            j["kind"] == "realtime" && j["state"] == "ok" && j["files"].as_u64() > Some(0)
+        });
+        if shipped {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no real-time round in the job log: {jobs}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -1477,6 +1494,292 @@ fn delta_never_sends_whole_files() {
     assert_eq!(target_counter(&r, t, "delta_files"), 0, "{r}");
     assert_eq!(target_counter(&r, t, "bytes_sent"), 4 * MIB as u64, "{r}");
     assert_replicas_identical(&c);
+}
+
+// ---- job log, dry runs, scheduled sets ------------------------------------------
+
+/// `cdctl --socket <master> ARGS… --json`, parsed; panics unless it exits 0.
+fn master_json(c: &Cluster, args: &[&str]) -> Value {
+    let mut cmd = Command::new(cdctl());
+    cmd.arg("--socket")
+        .arg(c.socket(MASTER).unwrap())
+        .args(args)
+        .arg("--json");
+    let out = run(cmd, Duration::from_secs(60)).unwrap();
+    assert!(out.status.success(), "cdctl {args:?}: {out:?}");
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("cdctl {args:?} printed {:?}: {e}", out.stdout))
+}
+
+/// Everything under `dir` (dot directories included): kind, mode, mtime and content.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, u32, i64, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let body = if md.is_dir() {
+                stack.push(p.clone());
+                Vec::new()
+            } else if md.is_file() {
+                fs::read(&p).unwrap()
+            } else {
+                fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            };
+            out.push((
+                p,
+                md.mode(),
+                md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                body,
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn wait_disconnected(c: &Cluster, node: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.status(MASTER).unwrap();
+        let connected = st["master"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == node && n["connected"] == true);
+        if !connected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{node} still connected: {st}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn job_log_keeps_jobs_across_restarts_and_dry_run_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = start(tmp.path(), 3, 0);
+    let src = c.root(c.source()).unwrap();
+    for i in 0..5 {
+        fs::write(src.join(format!("f{i}.txt")), noise(i, 1000)).unwrap();
+    }
+    fs::write(src.join("m.bin"), noise(100, 256 << 10)).unwrap();
+    fs::write(src.join("d.txt"), b"to be deleted").unwrap();
+    fs::write(src.join("p.txt"), b"to be chmodded").unwrap();
+
+    // Two good jobs, then one with a target down.
+    let a = sync_ok(&c)["job_id"].as_u64().unwrap();
+    let b = sync_ok(&c)["job_id"].as_u64().unwrap();
+    c.kill("node3", libc::SIGTERM).unwrap();
+    wait_disconnected(&c, "node3");
+    let failed = c.try_sync().unwrap();
+    assert_eq!(failed.exit_code, 1, "{}", failed.report);
+    let f = failed.report["job_id"].as_u64().unwrap();
+    assert!(a < b && b < f, "ids grow: {a} {b} {f}");
+
+    let jobs = master_json(&c, &["jobs"]);
+    let listed: Vec<(u64, &str, &str)> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["job_id"].as_u64().unwrap(),
+                j["kind"].as_str().unwrap(),
+                j["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [(f, "sync", "failed"), (b, "sync", "ok"), (a, "sync", "ok")],
+        "newest first: {jobs}"
+    );
+    let only_failed = master_json(&c, &["jobs", "--failed", "--set", "www"]);
+    assert_eq!(only_failed.as_array().unwrap().len(), 1, "{only_failed}");
+    assert_eq!(
+        master_json(&c, &["jobs", "--limit", "1"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let job = master_json(&c, &["job", &f.to_string()]);
+    let targets = job["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2, "{job}");
+    let row = |name: &str| targets.iter().find(|t| t["target"] == name).unwrap();
+    assert_eq!(row("node2")["ok"], true, "{job}");
+    assert_eq!(row("node3")["ok"], false, "{job}");
+    assert!(!row("node3")["error"].as_str().unwrap().is_empty(), "{job}");
+    assert_eq!(row("node2")["via"], "node1", "{job}");
+    let first = master_json(&c, &["job", &a.to_string()]);
+    assert_eq!(
+        counter(&first["targets"][0], "files_sent").unwrap(),
+        8,
+        "{first}"
+    );
+
+    // Node3 back, everyone in sync; then the master restarts and keeps its log.
+    c.restart("node3").unwrap();
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+    c.restart(MASTER).unwrap();
+    let jobs = master_json(&c, &["jobs"]);
+    let ids: Vec<u64> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.contains(&a) && ids.contains(&f), "{jobs}");
+    let after = sync_ok(&c)["job_id"].as_u64().unwrap();
+    assert!(after > *ids.iter().max().unwrap(), "{after} after {ids:?}");
+    let stats = master_json(&c, &["stats"]);
+    let link = stats["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["via"] == "node1" && l["target"] == "node3")
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(link["failures"].as_u64().unwrap() >= 1, "{stats}");
+
+    // A dry run against a changed tree: right counts, no replica touched.
+    fs::create_dir(src.join("new")).unwrap();
+    fs::write(src.join("new/a.txt"), b"new file").unwrap();
+    let mut m = fs::read(src.join("m.bin")).unwrap();
+    m[1000..1010].copy_from_slice(b"0123456789");
+    fs::write(src.join("m.bin"), &m).unwrap();
+    fs::remove_file(src.join("d.txt")).unwrap();
+    fs::set_permissions(src.join("p.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    let before: Vec<_> = c
+        .targets()
+        .iter()
+        .map(|t| snapshot(&c.root(t).unwrap()))
+        .collect();
+    let dry = master_json(&c, &["sync", "--dry-run", "www"]);
+    assert_eq!(dry["ok"], true, "{dry}");
+    assert_eq!(dry["kind"], "dry_run", "{dry}");
+    let names: Vec<&str> = dry["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["node2", "node3"], "in the configured order");
+    for t in dry["targets"].as_array().unwrap() {
+        let p = &t["planned"];
+        assert_eq!(p["files_count"], 2, "{t}");
+        assert_eq!(p["files_bytes"], 8 + (256 << 10), "{t}");
+        assert_eq!(p["removed_count"], 1, "{t}");
+        assert_eq!(p["removed"], serde_json::json!(["d.txt"]), "{t}");
+        assert_eq!(p["meta_only_count"], 1, "{t}");
+        assert_eq!(p["meta_only"], serde_json::json!(["p.txt"]), "{t}");
+        assert_eq!(p["created_dirs"], 1, "{t}");
+        let file = |path: &str| {
+            p["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["path"] == path)
+                .cloned()
+                .unwrap_or_else(|| panic!("{path} not planned: {t}"))
+        };
+        assert_eq!(file("new/a.txt")["delta"], false, "no base: whole");
+        assert_eq!(
+            file("m.bin")["delta"],
+            true,
+            "a base of the same size: delta"
+        );
+        assert_eq!(t["files_sent"], 0, "{t}");
+        assert_eq!(t["bytes_sent"], 0, "{t}");
+    }
+    let after_dry: Vec<_> = c
+        .targets()
+        .iter()
+        .map(|t| snapshot(&c.root(t).unwrap()))
+        .collect();
+    assert!(before == after_dry, "a dry run changed a replica");
+    for t in c.targets() {
+        let stage = c.root(&t).unwrap().join(".cdsync/stage");
+        assert!(files_under(&stage).is_empty(), "{t}: stage files left");
+    }
+    let logged = master_json(&c, &["job", &dry["job_id"].to_string()]);
+    assert_eq!(logged["kind"], "dry_run", "{logged}");
+    assert_eq!(
+        logged["targets"][0]["planned"]["files_count"], 2,
+        "{logged}"
+    );
+    // The human form names every planned change.
+    let mut cmd = Command::new(cdctl());
+    cmd.arg("--socket")
+        .arg(c.socket(MASTER).unwrap())
+        .args(["sync", "--dry-run", "www"]);
+    let text = run(cmd, Duration::from_secs(60)).unwrap().stdout;
+    for needle in [
+        "new/a.txt",
+        "m.bin",
+        "delta",
+        "remove d.txt",
+        "attrs  p.txt",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    // The real sync then does exactly what was planned.
+    let real = sync_ok(&c);
+    for t in c.targets() {
+        assert_eq!(target_counter(&real, &t, "files_sent"), 2, "{real}");
+        assert_eq!(target_counter(&real, &t, "removed"), 1, "{real}");
+    }
+    assert_replicas_identical(&c);
+}
+
+#[test]
+fn scheduled_set_runs_without_a_sync_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(2, tmp.path(), &cdd(), &cdctl());
+    spec.set_lines = vec!["mode = \"scheduled\"".into(), "every = \"2s\"".into()];
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    fs::write(c.root(c.source()).unwrap().join("hello.txt"), b"scheduled").unwrap();
+    let st = c.status(MASTER).unwrap();
+    let set = &st["master"]["content_sets"][0];
+    assert_eq!(set["mode"], "scheduled", "{st}");
+    assert_eq!(set["schedule"]["every_seconds"], 2, "{st}");
+    assert!(set["schedule"]["next_unix"].as_i64().is_some(), "{st}");
+    assert!(set["schedule"]["next_local"].as_str().is_some(), "{st}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let target = c.root("node2").unwrap().join("hello.txt");
+    loop {
+        let jobs = master_json(&c, &["jobs"]);
+        let done = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["kind"] == "scheduled" && j["state"] == "ok");
+        if done && fs::read(&target).ok().as_deref() == Some(&b"scheduled"[..]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scheduled job replicated hello.txt: {jobs}\n{}",
+            c.diagnostics()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let jobs = master_json(&c, &["jobs"]);
+    assert!(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["kind"] == "scheduled"),
+        "{jobs}"
+    );
 }
 
 /// The farm of `relay_routes_failover_and_catch_up`: node1 is the source (its own

@@ -32,6 +32,35 @@ enum Cmd {
     Sync {
         /// Content set (optional when there is only one).
         content_set: Option<String>,
+        /// Plan only (on the master): per target, the files that would be sent (whole
+        /// or as deltas), removals and attribute-only changes. Nothing is sent or changed.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The master's job log, newest first.
+    Jobs {
+        /// Only jobs of this content set.
+        #[arg(long = "set")]
+        content_set: Option<String>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only failed jobs.
+        #[arg(long)]
+        failed: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job from the master's job log: its targets and the events around it.
+    Job {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-node and per-link transfer statistics from the master's job log.
+    Stats {
         #[arg(long)]
         json: bool,
     },
@@ -233,10 +262,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out(&format!("{} catch-up(s) started", v["started"]))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Sync { content_set, json } => {
-            let v = call(&cli.socket, Request::Sync { content_set })?;
+        Cmd::Sync {
+            content_set,
+            dry_run,
+            json,
+        } => {
+            let v = call(
+                &cli.socket,
+                Request::Sync {
+                    content_set,
+                    dry_run,
+                },
+            )?;
             if json {
                 out(&serde_json::to_string(&v)?)?;
+            } else if dry_run {
+                out(&render_dry_run(&v))?;
             } else {
                 out(&render_job(&v))?;
             }
@@ -245,6 +286,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::Jobs {
+            content_set,
+            limit,
+            failed,
+            json,
+        } => {
+            let v = call(
+                &cli.socket,
+                Request::Jobs {
+                    content_set,
+                    limit,
+                    failed,
+                },
+            )?;
+            print_json_or(&v, json, render_jobs)
+        }
+        Cmd::Job { id, json } => {
+            let v = call(&cli.socket, Request::Job { id })?;
+            print_json_or(&v, json, render_logged_job)
+        }
+        Cmd::Stats { json } => {
+            let v = call(&cli.socket, Request::Stats)?;
+            print_json_or(&v, json, render_stats)
         }
     }
 }
@@ -302,6 +367,19 @@ fn render_routes(v: &serde_json::Value) -> String {
     s
 }
 
+fn print_json_or(
+    v: &serde_json::Value,
+    json: bool,
+    human: fn(&serde_json::Value) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        out(&serde_json::to_string_pretty(v)?)?;
+    } else {
+        out(&human(v))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn render_status(v: &serde_json::Value) -> String {
     let mut s = format!(
         "{} ({}) version {}\n",
@@ -349,11 +427,29 @@ fn render_status(v: &serde_json::Value) -> String {
                 )
             };
             s += &format!(
-                "  set {:<16} {} -> {}  ({last})\n",
+                "  set {:<16} {} -> {}  {}  ({last})\n",
                 c["name"].as_str().unwrap_or("?"),
                 c["source"].as_str().unwrap_or("?"),
-                c["targets"]
+                c["targets"],
+                c["mode"].as_str().unwrap_or("?"),
             );
+            let sch = &c["schedule"];
+            if sch.is_object() {
+                let what = match (sch["cron"].as_str(), sch["every_seconds"].as_u64()) {
+                    (Some(c), _) => format!("cron \"{c}\""),
+                    (None, Some(n)) => format!("every {n}s"),
+                    _ => "?".into(),
+                };
+                let next = match (sch["next_local"].as_str(), sch["next_unix"].as_i64()) {
+                    (Some(l), Some(u)) => format!("next run {l} ({u})"),
+                    _ => "no next run".into(),
+                };
+                let running = sch["running_job"]
+                    .as_u64()
+                    .map(|j| format!(", job {j} running"))
+                    .unwrap_or_default();
+                s += &format!("    schedule: {what}, {next}{running}\n");
+            }
             s += &render_filter(&c["filter"]);
         }
     }
@@ -479,6 +575,310 @@ fn render_job(v: &serde_json::Value) -> String {
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         );
+    }
+    s.trim_end().to_owned()
+}
+
+/// Unix milliseconds as UTC `YYYY-MM-DD HH:MM:SS`.
+fn when(ms: &serde_json::Value) -> String {
+    match ms.as_i64() {
+        Some(ms) => {
+            let w = cd_core::schedule::Zone::to_wall(&cd_core::schedule::Utc, ms.div_euclid(1000));
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                w.year, w.month, w.day, w.hour, w.minute, w.second
+            )
+        }
+        None => "-".into(),
+    }
+}
+
+/// Rows of cells as a table whose columns are as wide as their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l += c;
+            } else {
+                l += &format!("{c:<w$}  ", w = width[i]);
+            }
+        }
+        l.trim_end().to_owned() + "\n"
+    };
+    let mut s = line(header.to_vec());
+    for r in rows {
+        s += &line(r.iter().map(String::as_str).collect());
+    }
+    s
+}
+
+fn num(v: &serde_json::Value) -> String {
+    v.as_i64()
+        .map(|n| n.to_string())
+        .or_else(|| v.as_u64().map(|n| n.to_string()))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn render_jobs(v: &serde_json::Value) -> String {
+    let jobs = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    if jobs.is_empty() {
+        return "no jobs".into();
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                num(&j["job_id"]),
+                j["kind"].as_str().unwrap_or("?").into(),
+                j["content_set"].as_str().unwrap_or("?").into(),
+                j["source"].as_str().unwrap_or("?").into(),
+                j["state"].as_str().unwrap_or("?").to_uppercase(),
+                when(&j["started_unix_ms"]),
+                num(&j["duration_ms"]),
+                format!(
+                    "{}/{}",
+                    j["target_count"].as_i64().unwrap_or(0)
+                        - j["targets_failed"].as_i64().unwrap_or(0),
+                    num(&j["target_count"])
+                ),
+                num(&j["files"]),
+                num(&j["bytes"]),
+                j["error"].as_str().unwrap_or("").into(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "KIND",
+            "SET",
+            "SOURCE",
+            "STATE",
+            "STARTED (UTC)",
+            "MS",
+            "OK/TARGETS",
+            "FILES",
+            "BYTES",
+            "ERROR",
+        ],
+        &rows,
+    )
+    .trim_end()
+    .to_owned()
+}
+
+fn render_logged_job(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "job {} {} `{}` from {}: {} (seq {}, {} entries, scan {} ms)\n  started {} UTC, {} ms\n",
+        num(&v["job_id"]),
+        v["kind"].as_str().unwrap_or("?"),
+        v["content_set"].as_str().unwrap_or("?"),
+        v["source"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?").to_uppercase(),
+        num(&v["seq"]),
+        num(&v["source_entries"]),
+        num(&v["scan_ms"]),
+        when(&v["started_unix_ms"]),
+        num(&v["duration_ms"]),
+    );
+    if let Some(e) = v["error"].as_str().filter(|e| !e.is_empty()) {
+        s += &format!("  error: {e}\n");
+    }
+    let rows: Vec<Vec<String>> = v["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            vec![
+                t["target"].as_str().unwrap_or("?").into(),
+                t["via"].as_str().unwrap_or("?").into(),
+                if t["ok"] == true {
+                    "ok".into()
+                } else {
+                    "FAILED".into()
+                },
+                num(&t["files_sent"]),
+                num(&t["bytes_sent"]),
+                num(&t["wire_bytes"]),
+                num(&t["delta_files"]),
+                num(&t["removed"]),
+                num(&t["meta_only"]),
+                num(&t["duration_ms"]),
+                t["error"].as_str().unwrap_or("").into(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        s += &table(
+            &[
+                "  TARGET", "VIA", "RESULT", "FILES", "BYTES", "WIRE", "DELTAS", "REMOVED",
+                "ATTRS", "MS", "ERROR",
+            ],
+            &rows
+                .into_iter()
+                .map(|mut r| {
+                    r[0] = format!("  {}", r[0]);
+                    r
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    for t in v["targets"].as_array().into_iter().flatten() {
+        if t["planned"].is_object() {
+            s += &render_plan(t["target"].as_str().unwrap_or("?"), &t["planned"]);
+        }
+    }
+    for e in v["events"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  event {} UTC {} {}{}: {}\n",
+            when(&e["at_unix_ms"]),
+            e["kind"].as_str().unwrap_or("?"),
+            e["node"].as_str().unwrap_or("-"),
+            e["job_id"]
+                .as_u64()
+                .map(|j| format!(" (job {j})"))
+                .unwrap_or_default(),
+            e["detail"].as_str().unwrap_or(""),
+        );
+    }
+    s.trim_end().to_owned()
+}
+
+fn render_stats(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "{} jobs in the log, {} failed\n\nnodes:\n",
+        num(&v["jobs"]),
+        num(&v["failed_jobs"])
+    );
+    let rows: Vec<Vec<String>> = v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            vec![
+                format!("  {}", n["name"].as_str().unwrap_or("?")),
+                num(&n["jobs"]),
+                num(&n["bytes_received"]),
+                num(&n["failures"]),
+                when(&n["last_ok_unix_ms"]),
+                num(&n["jobs_as_source"]),
+            ]
+        })
+        .collect();
+    s += &table(
+        &[
+            "  NODE",
+            "RECEIVED",
+            "BYTES",
+            "FAILURES",
+            "LAST OK (UTC)",
+            "AS SOURCE",
+        ],
+        &rows,
+    );
+    s += "\nlinks:\n";
+    let rows: Vec<Vec<String>> = v["links"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            vec![
+                format!(
+                    "  {} -> {}",
+                    l["via"].as_str().unwrap_or("?"),
+                    l["target"].as_str().unwrap_or("?")
+                ),
+                l["link_class"]
+                    .as_str()
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or("-")
+                    .into(),
+                num(&l["transfers"]),
+                num(&l["bytes"]),
+                num(&l["wire_bytes"]),
+                num(&l["failures"]),
+                num(&l["mean_duration_ms"]),
+            ]
+        })
+        .collect();
+    s += &table(
+        &[
+            "  LINK",
+            "CLASS",
+            "TRANSFERS",
+            "BYTES",
+            "WIRE",
+            "FAILURES",
+            "MEAN MS",
+        ],
+        &rows,
+    );
+    s.trim_end().to_owned()
+}
+
+/// One target's dry-run plan.
+fn render_plan(target: &str, p: &serde_json::Value) -> String {
+    let mut s = format!(
+        "  {target}: would send {} files / {} bytes, remove {}, set attributes of {}, reuse {} local, create {} directories\n",
+        num(&p["files_count"]),
+        num(&p["files_bytes"]),
+        num(&p["removed_count"]),
+        num(&p["meta_only_count"]),
+        num(&p["reused_local"]),
+        num(&p["created_dirs"]),
+    );
+    for f in p["files"].as_array().into_iter().flatten() {
+        s += &format!(
+            "    send   {} ({} bytes, {})\n",
+            f["path"].as_str().unwrap_or("?"),
+            num(&f["size"]),
+            if f["delta"] == true { "delta" } else { "whole" }
+        );
+    }
+    for r in p["removed"].as_array().into_iter().flatten() {
+        s += &format!("    remove {}\n", r.as_str().unwrap_or("?"));
+    }
+    for m in p["meta_only"].as_array().into_iter().flatten() {
+        s += &format!("    attrs  {}\n", m.as_str().unwrap_or("?"));
+    }
+    if p["truncated"] == true {
+        s += "    (lists cut short; the counts are complete)\n";
+    }
+    s
+}
+
+fn render_dry_run(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "dry run (job {}) `{}`: {} ({} entries, scan {} ms); nothing was sent or changed\n",
+        num(&v["job_id"]),
+        v["content_set"].as_str().unwrap_or("?"),
+        if v["ok"] == true { "ok" } else { "FAILED" },
+        num(&v["source_entries"]),
+        num(&v["scan_ms"]),
+    );
+    if let Some(e) = v["error"].as_str().filter(|e| !e.is_empty()) {
+        s += &format!("  error: {e}\n");
+    }
+    if v["routes"].is_object() {
+        s += "routes:\n";
+        for line in render_routes(&v["routes"]).lines() {
+            s += &format!("  {line}\n");
+        }
+    }
+    for t in v["targets"].as_array().into_iter().flatten() {
+        let name = t["target"].as_str().unwrap_or("?");
+        if t["planned"].is_object() {
+            s += &render_plan(name, &t["planned"]);
+        } else {
+            s += &format!("  {name}: FAILED: {}\n", t["error"].as_str().unwrap_or("?"));
+        }
     }
     s.trim_end().to_owned()
 }

@@ -327,6 +327,11 @@ pub struct SyncRequest {
     pub job_id: u64,
     #[prost(string, tag = "2")]
     pub content_set: ::prost::alloc::string::String,
+    /// Plan only: the source scans and sends its manifest to every target as usual, each
+    /// target plans and answers what it would change; no file data travel, nothing is
+    /// staged, applied or removed, and no sequence number is used up.
+    #[prost(bool, tag = "3")]
+    pub dry_run: bool,
 }
 /// Source node -> master: the outcome of a job.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -345,8 +350,22 @@ pub struct JobReport {
     pub targets: ::prost::alloc::vec::Vec<TargetResult>,
     #[prost(string, tag = "7")]
     pub error: ::prost::alloc::string::String,
+    /// What started the job: "sync" (empty means this too), "scheduled" and "dry_run"
+    /// for jobs the master requested; "realtime" (one change set of the real-time stream)
+    /// and "catch_up" (a full round for reconnected targets) for rounds the source ran on
+    /// its own and reports with job_id 0.
+    #[prost(string, tag = "8")]
+    pub kind: ::prost::alloc::string::String,
+    /// When the source began and finished its work (Unix milliseconds; 0 = unknown).
+    #[prost(int64, tag = "9")]
+    pub started_unix_ms: i64,
+    #[prost(int64, tag = "10")]
+    pub finished_unix_ms: i64,
+    /// Real-time rounds: the changes in the change set.
+    #[prost(uint64, tag = "11")]
+    pub changes: u64,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct TargetResult {
     #[prost(string, tag = "1")]
     pub target: ::prost::alloc::string::String,
@@ -391,6 +410,49 @@ pub struct TargetResult {
     /// class of that link
     #[prost(string, tag = "17")]
     pub link_class: ::prost::alloc::string::String,
+    /// Dry runs: what the job would have done to this target.
+    #[prost(message, optional, tag = "22")]
+    pub planned: ::core::option::Option<DryRunPlan>,
+}
+/// What a dry run found for one target. The counts are complete; the lists may be cut
+/// short (at most 1000 entries or 64 KiB of paths each) and say so in `truncated`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DryRunPlan {
+    /// Contents that would travel (filled in by the source from the target's need list).
+    #[prost(message, repeated, tag = "1")]
+    pub files: ::prost::alloc::vec::Vec<PlannedFile>,
+    /// Paths the target would remove (files, symlinks, directories).
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub removed: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// Paths whose content is right but whose attributes would be set.
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub meta_only: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    #[prost(uint64, tag = "4")]
+    pub files_count: u64,
+    #[prost(uint64, tag = "5")]
+    pub files_bytes: u64,
+    #[prost(uint64, tag = "6")]
+    pub removed_count: u64,
+    #[prost(uint64, tag = "7")]
+    pub meta_only_count: u64,
+    /// Contents the target would reuse from its own files (moves, copies).
+    #[prost(uint64, tag = "8")]
+    pub reused_local: u64,
+    #[prost(uint64, tag = "9")]
+    pub created_dirs: u64,
+    #[prost(bool, tag = "10")]
+    pub truncated: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PlannedFile {
+    #[prost(bytes = "vec", tag = "1")]
+    pub path: ::prost::alloc::vec::Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    /// It would go as a delta against the target's version (as far as the source can
+    /// tell without its signature); false = whole.
+    #[prost(bool, tag = "3")]
+    pub delta: bool,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Heartbeat {
@@ -418,6 +480,12 @@ pub struct TransferBegin {
     /// last applied change set from `origin` is not `base_seq` answers need_full.
     #[prost(uint64, tag = "7")]
     pub base_seq: u64,
+    /// A dry run (full manifests only): the replica plans and sends its NeedList as
+    /// usual, the source answers the SignatureRequest exchange with an empty request and
+    /// TransferEnd without any file, and the replica replies with an ApplyResult whose
+    /// `planned` says what it would have done. It creates, stages and removes nothing.
+    #[prost(bool, tag = "8")]
+    pub dry_run: bool,
 }
 /// Incremental change set body (TransferBegin.full = false), in order.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -614,6 +682,12 @@ pub struct ApplyResult {
     /// refused (a relay that fell behind must never roll a replica back).
     #[prost(bool, tag = "11")]
     pub stale: bool,
+    /// The answer to a dry-run transfer: nothing was applied; this is the plan (without
+    /// `files`, which the source knows from the need list).
+    #[prost(bool, tag = "13")]
+    pub dry_run: bool,
+    #[prost(message, optional, tag = "14")]
+    pub planned: ::core::option::Option<DryRunPlan>,
 }
 /// Node -> master whenever what it holds moves on (and on connecting): per content
 /// set, the last change set it applied completely (a replica) or shipped (the source).
