@@ -158,6 +158,8 @@ impl Master {
                 _ => bail!("several content sets are configured: name one"),
             },
         };
+        // Counted as running until it reports; failed if it ends in an error below.
+        let job = crate::metrics::get().job_started();
         let (tx, rx) = oneshot::channel();
         let job_id = {
             let mut st = self.state.lock().unwrap();
@@ -206,6 +208,7 @@ impl Master {
             }
         }
         let ok = report.error.is_empty() && report.targets.iter().all(|t| t.ok);
+        job.finish(ok);
         tracing::info!(
             job_id,
             ok,
