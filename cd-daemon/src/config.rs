@@ -41,6 +41,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub log_level: String,
+    /// Where `/metrics` listens (`metrics_listen`; default `127.0.0.1:0`, an
+    /// ephemeral port shown by `cdctl status`); `None` = `"off"`.
+    pub metrics_listen: Option<SocketAddr>,
     pub master: Option<MasterConfig>,
     pub node: Option<NodeConfig>,
     /// Locations of values that resolution may reject.
@@ -149,6 +152,10 @@ pub enum DeltaMode {
     Never,
 }
 
+/// `metrics_listen` when the config does not say: loopback, an ephemeral port.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
 /// The prefix that makes an `include`/`exclude` entry a regex; anything else is a glob.
 pub const REGEX_PREFIX: &str = "re:";
 /// The prefix that makes an entry a glob explicitly (for a glob starting with `re:`).
@@ -225,6 +232,7 @@ struct RawConfig {
     name: Spanned<String>,
     state_dir: Spanned<PathBuf>,
     control_socket: Option<Spanned<PathBuf>>,
+    metrics_listen: Option<Spanned<String>>,
     log: Option<RawLog>,
     master: Option<RawMaster>,
     node: Option<RawNode>,
@@ -382,6 +390,20 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             v.clone()
         }
         None => "info".to_owned(),
+    };
+
+    let metrics_listen = match &raw.metrics_listen {
+        None => Some(DEFAULT_METRICS_LISTEN),
+        Some(s) if s.get_ref() == "off" => None,
+        Some(s) => Some(s.get_ref().parse().map_err(|_| {
+            err(
+                s.span(),
+                format!(
+                    "metrics_listen `{}` is not an IP:PORT address or \"off\"",
+                    s.get_ref()
+                ),
+            )
+        })?),
     };
 
     let mut spans = ResolveSpans {
@@ -782,6 +804,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         state_dir,
         control_socket,
         log_level,
+        metrics_listen,
         master,
         node,
         spans,
@@ -1155,6 +1178,32 @@ root = "/srv/www"
             let e = p(&text).unwrap_err();
             assert_eq!(e.line, line, "{e}");
             assert!(e.to_string().starts_with("/etc/cdsync/cdd.toml:"), "{e}");
+            assert!(e.reason.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen() {
+        assert_eq!(
+            p(GOOD).unwrap().metrics_listen,
+            Some(DEFAULT_METRICS_LISTEN)
+        );
+        let with =
+            |v: &str| p(&GOOD.replace("\n[node]", &format!("metrics_listen = {v}\n\n[node]")));
+        assert_eq!(
+            with("\"0.0.0.0:9464\"").unwrap().metrics_listen,
+            Some("0.0.0.0:9464".parse().unwrap())
+        );
+        assert_eq!(with("\"off\"").unwrap().metrics_listen, None);
+        for (v, why) in [
+            (
+                "\"9464\"",
+                "metrics_listen `9464` is not an IP:PORT address or \"off\"",
+            ),
+            ("9464", "invalid type"),
+        ] {
+            let e = with(v).unwrap_err();
+            assert_eq!((e.line, e.column), (4, 18), "{e}");
             assert!(e.reason.contains(why), "{e}");
         }
     }

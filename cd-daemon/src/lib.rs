@@ -17,6 +17,7 @@ pub mod joblog;
 pub mod link;
 pub mod localtime;
 pub mod master;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod pki;
@@ -37,6 +38,8 @@ pub struct Daemon {
     pub config: config::Config,
     pub master: Option<Arc<master::Master>>,
     pub node: Option<Arc<node::Node>>,
+    /// Where `/metrics` is served (`None`: `metrics_listen = "off"`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Handler for Daemon {
@@ -141,10 +144,27 @@ impl Daemon {
             "roles": self.config.roles(),
             "version": cd_proto::SOFTWARE_VERSION,
             "control_socket": self.config.control_socket,
+            "metrics_addr": self.metrics_addr.map(|a| a.to_string()),
+            "latency": self.node.as_ref().map(|_| metrics::get().latency_json()),
             "master": self.master.as_ref().map(|m| m.status()),
             "node": node,
             "errors": errors,
         })
+    }
+}
+
+/// What `/metrics` serves: the daemon's registry, with the gauges that mirror role
+/// state sampled first.
+#[derive(Debug)]
+struct Exporter {
+    daemon: Arc<Daemon>,
+    registry: prometheus_client::registry::Registry,
+}
+
+impl metrics::http::Source for Exporter {
+    fn render(&self, openmetrics: bool) -> String {
+        metrics::refresh(&self.daemon);
+        metrics::encode(&self.registry, openmetrics)
     }
 }
 
@@ -158,6 +178,18 @@ pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
         .create(&cfg.state_dir)
         .with_context(|| format!("create state_dir {}", cfg.state_dir.display()))?;
     let listener = control::bind(&cfg.control_socket)?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            metrics::http::bind(addr)
+                .await
+                .with_context(|| format!("bind metrics_listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let master = match cfg.master {
         Some(_) => Some(master::Master::start(&cfg).await?),
         None => None,
@@ -171,9 +203,21 @@ pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
         config: cfg,
         master,
         node,
+        metrics_addr,
     });
-    tracing::info!(socket = %socket.display(), roles = ?daemon.config.roles(), "cdd ready");
+    tracing::info!(socket = %socket.display(), metrics = ?metrics_addr, roles = ?daemon.config.roles(), "cdd ready");
     tokio::spawn(control::serve(listener, daemon.clone()));
+    if let Some(l) = metrics_listener {
+        let registry = metrics::get().registry(metrics::Roles {
+            master: daemon.master.is_some(),
+            node: daemon.node.is_some(),
+        });
+        let exporter = Arc::new(Exporter {
+            daemon: daemon.clone(),
+            registry,
+        });
+        tokio::spawn(metrics::http::serve(l, exporter));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -235,6 +235,10 @@ impl Master {
                         .and_then(|r| r.parent(node))
                         .unwrap_or_default()
                         .to_owned(),
+                    parent_link_class: routes
+                        .and_then(|r| r.edges.get(node))
+                        .map(|e| class_name(e.class).to_owned())
+                        .unwrap_or_default(),
                 }
             })
             .collect();

@@ -691,6 +691,7 @@ impl Node {
         let epoch = Instant::now();
         let now_ms = || epoch.elapsed().as_millis() as u64;
         let mut co = realtime::coalescer(self.cfg.debounce_ms);
+        let mut co_depth = crate::metrics::Depth::new("coalescer");
         let index_path = self.index_path(&set);
         let index = fs::HashIndex::load(&index_path);
         let mut filter_rx = state.filter.subscribe();
@@ -790,6 +791,7 @@ impl Node {
                 tracing::warn!(content_set = %set, "event queue overflowed; rescanning");
                 co.handle_event(realtime::lost_root(), now_ms());
             }
+            co_depth.set(co.pending());
             if shipping.is_some() || hold_until.is_some_and(|h| h > Instant::now()) {
                 continue;
             }
@@ -816,10 +818,13 @@ impl Node {
                     }
                 }));
             }
-            let Some(batch) = co.poll_batch(now_ms()) else {
+            let batch = co.poll_batch(now_ms());
+            co_depth.set(co.pending());
+            let Some(batch) = batch else {
                 index = Some(idx);
                 continue;
             };
+            let cut = crate::metrics::Cut::now();
             let node = self.clone();
             let name = set.clone();
             shipping = Some(tokio::spawn(async move {
@@ -833,7 +838,7 @@ impl Node {
                     ..Default::default()
                 };
                 let r = node
-                    .ship_batch(&name, state, &batch, &mut idx, &mut report)
+                    .ship_batch(&name, state, &batch, cut, &mut idx, &mut report)
                     .await;
                 node.report_round(
                     "realtime",
@@ -914,6 +919,7 @@ impl Node {
         set: &str,
         state: &SetState,
         batch: &cd_core::coalesce::Batch,
+        cut: crate::metrics::Cut,
         index: &mut fs::HashIndex,
         report: &mut pb::JobReport,
     ) -> anyhow::Result<()> {
@@ -950,6 +956,7 @@ impl Node {
             state
                 .rescans_subtree
                 .fetch_add(resolved.rescanned, Ordering::Relaxed);
+            crate::metrics::get().rescans("subtree", resolved.rescanned);
             tracing::warn!(
                 content_set = set,
                 seq,
@@ -964,15 +971,18 @@ impl Node {
                 .any(|c| matches!(c, PathChange::Rescan { path: None }))
             {
                 state.rescans_full.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::get().rescans("full", 1);
             }
             tracing::info!(
                 content_set = set,
                 seq,
                 "real-time batch needs a full reconcile"
             );
-            return self
+            let r = self
                 .full_rounds(set, 0, seq, Some(&connected), report)
                 .await;
+            cut.reached_all(report);
+            return r;
         }
         if resolved.changes.is_empty() {
             // Nothing to send (e.g. a file created and removed before shipping), but
@@ -1053,6 +1063,11 @@ impl Node {
                         && st.changed_since_scan == 0
                         && st.apply.skipped == 0 =>
                 {
+                    cut.reached();
+                    // A relay answers once its subtree applied too.
+                    for _ in st.apply.subtree.iter().filter(|t| t.ok) {
+                        cut.reached();
+                    }
                     state.sent.lock().unwrap().insert(peer.name.clone(), seq);
                 }
                 Ok(st) => {
@@ -1068,6 +1083,7 @@ impl Node {
         if !fallback.is_empty() {
             let incremental = std::mem::take(&mut report.targets);
             let r = self.full_rounds(set, 0, seq, Some(&fallback), report).await;
+            cut.reached_all(report);
             report::merge_fallback(report, incremental);
             r?;
         }
@@ -1394,6 +1410,7 @@ impl Node {
             conn.shutdown().await;
         }
         let stats = conn.link_stats();
+        crate::metrics::get().record_send(peer, stats.map(|s| s.path), r.as_ref().ok());
         if stats.is_some_and(|s| s.budget_exhausted.load(Ordering::Relaxed)) {
             self.rustls_only.lock().unwrap().insert(peer.name.clone());
         }
@@ -1664,6 +1681,20 @@ impl Node {
             conn.link_stats(),
             ok,
         );
+        let link_class = state
+            .assignment
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|a| a.parent == hello.node_name)
+            .map(|a| a.parent_link_class.clone())
+            .unwrap_or_default();
+        let sender = pb::Peer {
+            name: hello.node_name.clone(),
+            link_class,
+            ..Default::default()
+        };
+        crate::metrics::get().record_receive(&sender, conn.link_stats().map(|s| s.path), bytes);
         *state.last_sync.lock().unwrap() = Some(LastSync {
             job_id: begin.job_id,
             at_unix: now_unix(),

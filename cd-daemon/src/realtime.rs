@@ -306,6 +306,7 @@ impl CaptureService {
             writers: (kind == "fanotify").then(|| Mutex::new(WriterInference::default())),
         });
         let afd = register(fd)?;
+        crate::metrics::get().watch_capture(&svc);
         tokio::spawn(svc.clone().reader(afd));
         Ok(svc)
     }
@@ -337,8 +338,23 @@ impl CaptureService {
             "backend": self.kind,
             "reason": self.reason,
             "events_total": self.events.load(Ordering::Relaxed),
-            "lost_total": self.backend.lock().unwrap().lost_count(),
+            "lost_total": self.lost_count(),
         })
+    }
+
+    /// Events the backend lost so far (the kernel buffer's or queue's own counter).
+    pub fn lost_count(&self) -> u64 {
+        self.backend.lock().unwrap().lost_count()
+    }
+
+    /// Event batches queued for the content sets' tasks, all sets together.
+    pub fn queue_depth(&self) -> usize {
+        self.subscribers
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.tx.max_capacity() - s.tx.capacity())
+            .sum()
     }
 
     async fn reader(self: Arc<Self>, afd: AsyncFd<EpollFd>) {
@@ -367,6 +383,10 @@ impl CaptureService {
                     break;
                 }
                 self.events.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                crate::metrics::get()
+                    .capture_events
+                    .get_or_create(&[("backend", self.kind)])
+                    .inc_by(buf.len() as u64);
                 self.dispatch(&mut buf);
             }
         }
@@ -387,11 +407,15 @@ impl CaptureService {
         }
         let subs = self.subscribers.lock().unwrap();
         for (root, evs) in per_root {
-            if let Some(s) = subs.get(&root)
-                && s.tx.try_send(evs).is_err()
-            {
+            let Some(s) = subs.get(&root) else { continue };
+            let n = evs.len() as u64;
+            if s.tx.try_send(evs).is_err() {
                 // The set task is behind: never drop silently, rescan instead.
                 s.overflowed.store(true, Ordering::Relaxed);
+                crate::metrics::get()
+                    .capture_dropped
+                    .get_or_create(&[("backend", self.kind)])
+                    .inc_by(n);
             }
         }
     }

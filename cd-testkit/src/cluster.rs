@@ -713,6 +713,17 @@ impl Cluster {
             .with_context(|| format!("cdctl status --json ({name}) printed: {}", out.stdout))
     }
 
+    /// Where daemon `name` serves `/metrics` (`metrics_addr` of its status; the
+    /// default `metrics_listen` is an ephemeral port on 127.0.0.1).
+    pub fn metrics_addr(&self, name: &str) -> Result<SocketAddr> {
+        let v = self.status(name)?;
+        let a = v["metrics_addr"]
+            .as_str()
+            .with_context(|| format!("{name}'s status has no metrics_addr: {v}"))?;
+        a.parse()
+            .with_context(|| format!("{name}'s metrics_addr {a:?} is not IP:PORT"))
+    }
+
     fn wait_socket(&mut self, name: &str) -> Result<()> {
         let deadline = Instant::now() + self.spec.startup_timeout;
         loop {

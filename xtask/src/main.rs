@@ -155,12 +155,17 @@ fn run_status(mut c: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Debian packages the privileged tests use: `prometheus` (the server and
+/// `promtool`) for `vm-tests/tests/prometheus.rs`.
+const PRIVILEGED_PACKAGES: &[&str] = &["prometheus"];
+
 /// Privileged tests on the running kernel. They are `#[ignore]`d so that a plain
 /// `cargo test` (no root) does not run them; here they run, one at a time. The tests
 /// that start daemons (`ktls`) get them from `CD_CDD` / `CD_CDCTL`; on a kernel without
 /// TLS they check the rustls fallback (the guest phase checks kernel TLS itself).
 fn privileged() -> Result<()> {
     require_root("the privileged tier")?;
+    vm::ensure_packages(PRIVILEGED_PACKAGES)?;
     let (cdd, cdctl) = build::debug_daemon()?;
     let mut c = cargo();
     c.env("CD_CDD", &cdd).env("CD_CDCTL", &cdctl);
@@ -561,6 +566,18 @@ fn realtime_stage(
         ),
     });
 
+    // The source's own view of the same path (its hdrhistogram, `cdctl status`):
+    // from the batch being cut to each replica's apply result.
+    let own = &c.status(c.source())?["latency"];
+    rows.push(Row {
+        step: "source view".into(),
+        took: Duration::ZERO,
+        detail: format!(
+            "cdctl status latency (cut -> replica applied): p50 {} ms, p99 {} ms, max {} ms over {} applies",
+            own["p50_ms"], own["p99_ms"], own["max_ms"], own["count"]
+        ),
+    });
+
     let files = (args.files / 2).max(100);
     let b = realtime::burst(&c, "burst", files, 7, Duration::from_secs(120))?;
     rows.push(Row {
@@ -722,14 +739,16 @@ fn demo(args: &DemoArgs) -> Result<()> {
     if args.hold {
         println!("cluster is running; Ctrl-C or SIGTERM stops it.");
         println!(
-            "  master  socket {}",
-            cluster.socket(cd_testkit::cluster::MASTER)?.display()
+            "  master  socket {}  metrics http://{}/metrics",
+            cluster.socket(cd_testkit::cluster::MASTER)?.display(),
+            cluster.metrics_addr(cd_testkit::cluster::MASTER)?
         );
         for n in cluster.nodes() {
             println!(
-                "  {n:<7} root {}  socket {}",
+                "  {n:<7} root {}  socket {}  metrics http://{}/metrics",
                 cluster.root(&n)?.display(),
-                cluster.socket(&n)?.display()
+                cluster.socket(&n)?.display(),
+                cluster.metrics_addr(&n)?
             );
         }
         println!(

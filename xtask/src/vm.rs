@@ -163,14 +163,7 @@ pub fn ensure_tools() -> Result<()> {
         "vm: missing host packages {wanted:?}; run as root or install them with apt-get \
          (qemu-system-x86 preferably from bookworm-backports)"
     );
-    if !missing.is_empty() {
-        eprintln!("vm: installing {missing:?}");
-        apt_update_once()?;
-        let mut cmd = apt_get();
-        cmd.args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing);
-        run_cmd(&mut cmd)?;
-    }
+    ensure_packages(&missing)?;
     if qemu_missing {
         eprintln!("vm: installing qemu-system-x86 from bookworm-backports");
         if let Err(e) = install_qemu_from_backports() {
@@ -187,6 +180,30 @@ pub fn ensure_tools() -> Result<()> {
             run_cmd(&mut cmd)?;
         }
     }
+    Ok(())
+}
+
+/// Installs the Debian `packages` that are not installed yet (`apt-get update` first,
+/// at most once per process). Needs root when something is missing.
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        is_root(),
+        "missing Debian packages {missing:?}; run as root or install them with apt-get"
+    );
+    eprintln!("installing {missing:?}");
+    apt_update_once()?;
+    let mut cmd = apt_get();
+    cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing);
+    run_cmd(&mut cmd)?;
     Ok(())
 }
 

@@ -394,6 +394,13 @@ fn render_status(v: &serde_json::Value) -> String {
             .unwrap_or_default(),
         v["version"].as_str().unwrap_or("?")
     );
+    s += &match v["metrics_addr"].as_str() {
+        Some(a) => format!("metrics: http://{a}/metrics\n"),
+        None => "metrics: off\n".to_owned(),
+    };
+    if let Some(l) = v["latency"].as_object() {
+        s += &render_latency(l);
+    }
     if let Some(m) = v["master"].as_object() {
         s += &format!(
             "master: listening on {}\n",
@@ -504,6 +511,29 @@ fn render_status(v: &serde_json::Value) -> String {
         s += &format!("error: {}\n", e.as_str().unwrap_or("?"));
     }
     s.trim_end().to_owned()
+}
+
+/// The change-to-replica latency line (quantiles since the daemon started).
+fn render_latency(l: &serde_json::Map<String, serde_json::Value>) -> String {
+    let n = l
+        .get("count")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    if n == 0 {
+        return "latency: change -> replica: no real-time change applied yet\n".to_owned();
+    }
+    let q = |k: &str| {
+        l.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .map_or("?".to_owned(), |ms| format!("{ms:.1} ms"))
+    };
+    format!(
+        "latency: change -> replica: p50 {}  p90 {}  p99 {}  max {}  ({n} applies)\n",
+        q("p50_ms"),
+        q("p90_ms"),
+        q("p99_ms"),
+        q("max_ms")
+    )
 }
 
 /// A `    filter: ...` line for a content set's filter, or nothing when it filters nothing.

@@ -54,7 +54,11 @@ impl Master {
     pub async fn run_job(&self, set: Option<&str>, kind: JobKind) -> anyhow::Result<Value> {
         let cs = self.content_set(set)?;
         let id = self.joblog.begin_job(kind, &cs.name, &cs.source);
-        self.run_started(cs, id, kind).await
+        // Counted as running until it reports (dropped unfinished: failed).
+        let job = crate::metrics::get().job_started();
+        let r = self.run_started(cs, id, kind).await;
+        job.finish(matches!(&r, Ok(v) if v["ok"] == true));
+        r
     }
 
     async fn run_started(

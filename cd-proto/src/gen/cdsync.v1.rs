@@ -262,6 +262,9 @@ pub struct ContentSetAssignment {
     /// A replica accepts transfers from its parent and from the source.
     #[prost(string, tag = "11")]
     pub parent: ::prost::alloc::string::String,
+    /// The class of the link from the parent (for this node's received-bytes metrics).
+    #[prost(string, tag = "12")]
+    pub parent_link_class: ::prost::alloc::string::String,
 }
 /// A content set's filter (cd_core::filter): include/exclude patterns matched against
 /// the path relative to the content root, and the commands a replica may perform.
