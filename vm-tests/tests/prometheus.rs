@@ -307,8 +307,11 @@ fn prometheus_scrapes_a_cluster() {
     prom.wait_daemons("cd_jobs_total{state=\"failed\"} == 0", &master);
     prom.wait_daemons("cd_jobs_running == 0", &master);
 
-    // Transfer: the source sent, over a named record layer and the link class, and
+    // Transfer: the source sent to its group's head (node2: all three are in the
+    // default group, and the head is chosen by weight, then name), which forwarded to
+    // node3; both sent over a named record layer and the same-group link class, and
     // both targets received.
+    let senders = BTreeSet::from([c.source().to_owned(), "node2".to_owned()]);
     let layer = |s: &Value| {
         assert_eq!(s["metric"]["class"], "same_group", "{s}");
         assert!(
@@ -316,23 +319,20 @@ fn prometheus_scrapes_a_cluster() {
             "{s}"
         );
     };
-    prom.wait_daemons("cd_transfer_sent_bytes_total > 0", &source)
+    prom.wait_daemons("cd_transfer_sent_bytes_total > 0", &senders)
         .iter()
         .for_each(layer);
     prom.wait_daemons("cd_transfer_received_bytes_total > 0", &targets)
         .iter()
         .for_each(layer);
     for m in ["cd_transfer_wire_bytes_total", "cd_transfer_files_total"] {
-        prom.wait_daemons(&format!("{m}{{class=\"same_group\"}} > 0"), &source);
+        prom.wait_daemons(&format!("{m}{{class=\"same_group\"}} > 0"), &senders);
     }
     prom.wait_daemons(
         "cd_transfer_links_total{path=~\"ktls|rustls|plain\"} > 0",
-        &source,
+        &senders,
     );
-    prom.wait_daemons(
-        "cd_delta_saved_bytes_total{class=\"same_group\"}",
-        &source,
-    );
+    prom.wait_daemons("cd_delta_saved_bytes_total{class=\"same_group\"}", &senders);
 
     // Capture and latency: events from the source's kernel backend; a latency sample
     // per target and real-time batch (five samples, two targets), with quantiles.
