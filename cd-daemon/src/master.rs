@@ -395,7 +395,10 @@ impl Master {
         Ok(serde_json::json!({ "started": n }))
     }
 
-    fn set_named(&self, set: Option<&str>) -> anyhow::Result<&crate::config::MasterContentSet> {
+    pub(super) fn set_named(
+        &self,
+        set: Option<&str>,
+    ) -> anyhow::Result<&crate::config::MasterContentSet> {
         match set {
             Some(n) => self
                 .cfg

@@ -1026,21 +1026,18 @@ impl Node {
             }
             resolved.changes.extend(extra);
         }
-        let out = Arc::new(Outgoing {
-            content_set: set.to_owned(),
-            origin: self.name.clone(),
+        let out = self.outgoing(
+            &assignment,
+            set,
+            self.name.clone(),
             seq,
-            job_id: 0,
-            body: OutBody::Incremental {
+            0,
+            OutBody::Incremental {
                 base_seq: seq - 1,
                 changes: Arc::new(resolved.changes),
             },
             root,
-            zstd_level: assignment.zstd_level,
-            max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
-            delta: assignment.delta(),
-            cache: self.delta_cache.clone(),
-        });
+        );
         let connected_peers: Vec<pb::Peer> = assignment
             .targets
             .iter()
@@ -1231,18 +1228,15 @@ impl Node {
                 *state.shipped.lock().unwrap() = Some(Shipped::from_manifest(seq, &manifest));
             }
             report.seq = seq;
-            let out = Arc::new(Outgoing {
-                content_set: set.to_owned(),
-                origin: assignment.source.clone(),
+            let out = self.outgoing(
+                &assignment,
+                set,
+                assignment.source.clone(),
                 seq,
                 job_id,
-                body: OutBody::Full(manifest),
-                root: Arc::new(root),
-                zstd_level: assignment.zstd_level,
-                max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
-                delta: assignment.delta(),
-                cache: self.delta_cache.clone(),
-            });
+                OutBody::Full(manifest),
+                Arc::new(root),
+            );
             let mut below = Vec::new();
             let mut lost_link = false;
             for (peer, r, took) in self.send_all(&out, std::mem::take(&mut pending)).await {
@@ -1342,6 +1336,36 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// What this node sends of a content set. The policy fields are the content
+    /// set's; [`send_to`](Self::send_to) replaces them with each peer's link policy.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one constructor for every sender"
+    )]
+    fn outgoing(
+        &self,
+        a: &pb::ContentSetAssignment,
+        content_set: &str,
+        origin: String,
+        seq: u64,
+        job_id: u64,
+        body: OutBody,
+        root: Arc<fs::Root>,
+    ) -> Arc<Outgoing> {
+        Arc::new(Outgoing {
+            content_set: content_set.to_owned(),
+            origin,
+            seq,
+            job_id,
+            body,
+            root,
+            zstd_level: a.zstd_level,
+            max_rate_bytes_per_sec: a.max_rate_bytes_per_sec,
+            delta: a.delta(),
+            cache: self.delta_cache.clone(),
+        })
     }
 
     /// Sends `out` to every peer concurrently; each result with the time it took.
@@ -1466,18 +1490,15 @@ impl Node {
             }
         };
         let full = matches!(body, OutBody::Full(_));
-        let out = Arc::new(Outgoing {
-            content_set: set.to_owned(),
-            origin: begin.origin.clone(),
-            seq: begin.seq,
-            job_id: begin.job_id,
+        let out = self.outgoing(
+            &a,
+            set,
+            begin.origin.clone(),
+            begin.seq,
+            begin.job_id,
             body,
             root,
-            zstd_level: a.zstd_level,
-            max_rate_bytes_per_sec: a.max_rate_bytes_per_sec,
-            delta: a.delta(),
-            cache: self.delta_cache.clone(),
-        });
+        );
         let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
         let mut whole = Vec::new();
         for (peer, r, took) in self.send_all(&out, a.targets.clone()).await {

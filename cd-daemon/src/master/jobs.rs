@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use cd_core::schedule::Schedule;
 use cd_proto::pb::{self, envelope::Msg};
 use serde_json::{Value, json};
@@ -33,26 +33,10 @@ pub(super) struct Timer {
 }
 
 impl Master {
-    fn content_set(&self, set: Option<&str>) -> anyhow::Result<&MasterContentSet> {
-        Ok(match set {
-            Some(n) => self
-                .cfg
-                .content_sets
-                .iter()
-                .find(|s| s.name == n)
-                .with_context(|| format!("no content set `{n}`"))?,
-            None => match self.cfg.content_sets.as_slice() {
-                [one] => one,
-                [] => bail!("no content sets are configured"),
-                _ => bail!("several content sets are configured: name one"),
-            },
-        })
-    }
-
     /// Runs a job of `kind` (`Sync`, `Scheduled` or `DryRun`) for `set` (the only one
     /// when `None`) on its source and waits for the report.
     pub async fn run_job(&self, set: Option<&str>, kind: JobKind) -> anyhow::Result<Value> {
-        let cs = self.content_set(set)?;
+        let cs = self.set_named(set)?;
         let id = self.joblog.begin_job(kind, &cs.name, &cs.source);
         // Counted as running until it reports (dropped unfinished: failed).
         let job = crate::metrics::get().job_started();
@@ -306,7 +290,7 @@ impl Master {
                     .event("schedule_skipped", None, Some(&set), Some(job), &detail);
                 continue;
             }
-            let Ok(cs) = self.content_set(Some(&set)) else {
+            let Ok(cs) = self.set_named(Some(&set)) else {
                 return;
             };
             let id = self.joblog.begin_job(JobKind::Scheduled, &set, &cs.source);
@@ -319,7 +303,7 @@ impl Master {
             let master = self.clone();
             let name = set.clone();
             tokio::spawn(async move {
-                if let Ok(cs) = master.content_set(Some(&name)) {
+                if let Ok(cs) = master.set_named(Some(&name)) {
                     match master.run_started(cs, id, JobKind::Scheduled).await {
                         Ok(r) if r["ok"] == true => {}
                         Ok(r) => {

@@ -74,18 +74,15 @@ impl Node {
         report.source_entries = manifest.len() as u64;
         let seq = self.current_seq(set);
         report.seq = seq;
-        let out = Arc::new(Outgoing {
-            content_set: set.to_owned(),
-            origin: self.name.clone(),
+        let out = self.outgoing(
+            &assignment,
+            set,
+            self.name.clone(),
             seq,
             job_id,
-            body: OutBody::Full(manifest),
-            root: Arc::new(root),
-            zstd_level: assignment.zstd_level,
-            max_rate_bytes_per_sec: assignment.max_rate_bytes_per_sec,
-            delta: assignment.delta(),
-            cache: self.delta_cache.clone(),
-        });
+            OutBody::Full(manifest),
+            Arc::new(root),
+        );
         let mut tasks = tokio::task::JoinSet::new();
         for (i, peer) in assignment.targets.iter().cloned().enumerate() {
             let node = self.clone();
@@ -123,18 +120,15 @@ impl Node {
         let Ok(root) = tokio::task::block_in_place(|| fs::Root::open(&state.root)) else {
             return Vec::new();
         };
-        let out = Arc::new(Outgoing {
-            content_set: begin.content_set.clone(),
-            origin: begin.origin.clone(),
-            seq: begin.seq,
-            job_id: begin.job_id,
+        let out = self.outgoing(
+            &a,
+            &begin.content_set,
+            begin.origin.clone(),
+            begin.seq,
+            begin.job_id,
             body,
-            root: Arc::new(root),
-            zstd_level: a.zstd_level,
-            max_rate_bytes_per_sec: a.max_rate_bytes_per_sec,
-            delta: a.delta(),
-            cache: self.delta_cache.clone(),
-        });
+            Arc::new(root),
+        );
         let mut tasks = tokio::task::JoinSet::new();
         for peer in a.targets {
             let node = self.clone();
