@@ -487,8 +487,6 @@ fn change_during_read(plain: bool) {
         spec.max_rate = 4 * MIB as u64;
         spec.zstd_level = Some(0);
         spec.set_lines.push("encryption = false".into());
-        // Each replica judges the source itself: every link straight from it.
-        spec.set_lines.push("routing = \"direct\"".into());
         spec.node_lines
             .insert("node2".into(), vec!["trusted_peers = [\"node1\"]".into()]);
         Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"))
@@ -634,6 +632,8 @@ fn plaintext_only_when_both_agree() {
     let mut spec = ClusterSpec::new(4, tmp.path(), &cdd(), &cdctl());
     spec.zstd_level = Some(0);
     spec.set_lines.push("encryption = false".into());
+    // Each replica judges the source itself: every link straight from it.
+    spec.set_lines.push("routing = \"direct\"".into());
     spec.node_lines
         .insert("node2".into(), vec!["trusted_peers = [\"node1\"]".into()]);
     spec.node_lines
