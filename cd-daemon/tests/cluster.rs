@@ -2000,16 +2000,27 @@ fn relay_routes_failover_and_catch_up() {
     find("catch_up_waiting", "node2");
     find("catch_up_done", "node2");
     let caught = find("reroute", "node2");
-    // While catching up node2 hung off its group mate (a same-group link).
-    let served = c.status("node3").unwrap()["node"]["transport"]["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|l| l["peer"] == "node2" && l["side"] == "source" && l["ok"] == true);
-    assert!(
-        served,
-        "node3 never sent to node2; events: {ev:#?}; last reroute: {caught}"
-    );
+    // While catching up node2 hung off its group mate (a same-group link). node2
+    // reports what it holds before it answers node3, so node3 may record the link a
+    // moment after the master saw the catch-up done.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let links = c.status("node3").unwrap()["node"]["transport"]["links"].clone();
+        let served = links
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["peer"] == "node2" && l["side"] == "source" && l["ok"] == true);
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node3 never sent to node2; events: {ev:#?}; last reroute: {caught}; node3's links: {links}{}",
+            c.diagnostics()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Per-data-kind targeting: an image server holds only the images of the set, and
