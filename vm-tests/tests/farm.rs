@@ -417,7 +417,10 @@ fn job_state(j: &Value) -> String {
 }
 
 fn is_terminal(state: &str) -> bool {
-    !matches!(state, "" | "pending" | "queued" | "running" | "started")
+    !matches!(
+        state,
+        "" | "pending" | "queued" | "scheduled" | "running" | "started" | "in_progress"
+    )
 }
 
 /// The catch-up job of `node` newer than job `after`, once it has ended; meanwhile
