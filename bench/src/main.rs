@@ -8,6 +8,8 @@
 //!   `trial` runs one tool through W1 and W2, for developing a tool's adapter.
 //! - `limits`: the machine's physical limits (file read, write+fsync, loopback TCP,
 //!   AES-GCM, BLAKE3, zstd), each alone (see [`limits`]).
+//! - `relay`: relay routes against direct routes on a farm of 1 → 8 in network
+//!   namespaces, bytes leaving the source and wall time (see [`relay`]).
 //! - `delta`: the delta engine of `cd_core::delta` on a large file (signature, search,
 //!   apply) beside rsync's delta transfer on the same files (see [`delta`]).
 //!
@@ -23,6 +25,7 @@ mod delta;
 mod limits;
 mod procfs;
 mod realtime;
+mod relay;
 mod suite;
 #[expect(
     unsafe_code,
@@ -59,6 +62,12 @@ benchmarks:
         write+fsync, loopback TCP (one stream), AES-128/256-GCM, BLAKE3 and zstd -3
         per core; BYTES (default 1 GiB) per figure. The suite measures these too and
         reads W1 against them.
+  relay [--runs N] [--rate RATE] [--files N] [--mib N] [--dir DIR] [--prefix P]
+        [--json FILE] [--debug-daemon]
+        one initial sync to a farm of 1 -> 8 (2 regions x 2 groups x 2 servers) in
+        network namespaces, every link limited to RATE (default 200mbit), with
+        routing = \"direct\" and = \"relay\": bytes leaving the source and wall time,
+        median of N runs (default 3), ratio direct/relay (see bench/README.md)
   suite [--quick] [--runs N] [--tools a,b] [--workloads w1,w2,w3,w4,idle] [--dir DIR]
         [--json FILE]
         cdsync side by side with rsync (daemon, ssh), lsyncd, Syncthing and Unison
@@ -82,6 +91,7 @@ fn run() -> Result<()> {
         Some("realtime") => realtime::run(&realtime::Args::parse(&args[1..])?),
         Some("trial") => suite::trial(&args[1..]),
         Some("suite") => suite::run::run(&suite::run::Args::parse(&args[1..])?).map(drop),
+        Some("relay") => relay::run(&relay::Args::parse(&args[1..])?),
         Some("delta") => delta::run(&delta::Args::parse(&args[1..])?),
         Some("limits") => limits::run(&limits::Args::parse(&args[1..])?),
         Some("-h" | "--help" | "help") => {

@@ -67,6 +67,10 @@ pub struct ClusterSpec {
     /// ends the master's config, so a test may append more lines to
     /// [`Cluster::config`]`(MASTER)` and [`Cluster::restart`] the master.
     pub set_lines: Vec<String>,
+    /// Extra text of the master's config between its `[master]` keys and the content
+    /// set: keys of `[master]` first, then its sub-tables, e.g. the topology's
+    /// `[[master.servers]]` tables.
+    pub master_lines: Vec<String>,
     /// Extra lines of a node's `[node]` table, by node name (e.g. `ktls = false`,
     /// `trusted_peers = ["node1"]`).
     pub node_lines: BTreeMap<String, Vec<String>>,
@@ -101,6 +105,18 @@ impl ClusterSpec {
             .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |p| p.ip)
     }
 
+    /// Places server `name` in the master's topology: a `[[master.servers]]` table
+    /// in [`ClusterSpec::master_lines`].
+    pub fn server(&mut self, name: &str, region: &str, group: &str, weight: u32) {
+        self.master_lines.extend([
+            "[[master.servers]]".to_owned(),
+            format!("name = {}", toml_str(name)),
+            format!("region = {}", toml_str(region)),
+            format!("group = {}", toml_str(group)),
+            format!("weight = {weight}"),
+        ]);
+    }
+
     /// `nodes` nodes in `dir`, default limits (30 s startup, 300 s per sync).
     #[must_use]
     pub fn new(nodes: usize, dir: &Path, cdd: &Path, cdctl: &Path) -> Self {
@@ -116,6 +132,7 @@ impl ClusterSpec {
             capture: None,
             ring_buffer_mib: None,
             set_lines: Vec::new(),
+            master_lines: Vec::new(),
             node_lines: BTreeMap::new(),
             env: Vec::new(),
             startup_timeout: Duration::from_secs(30),
@@ -442,10 +459,16 @@ impl Cluster {
         let mut cfg = cluster.common_config(MASTER)?;
         let _ = write!(
             cfg,
-            "\n[master]\nlisten = {}\npki_dir = {}\n\n[[master.content_sets]]\nname = {}\n\
+            "\n[master]\nlisten = {}\npki_dir = {}\n{}\n[[master.content_sets]]\nname = {}\n\
              source = \"node1\"\ntargets = [{}]\nmax_rate_bytes_per_sec = {}\n",
             toml_str(&master_addr.to_string()),
             toml_path(&pki)?,
+            cluster
+                .spec
+                .master_lines
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
             toml_str(CONTENT_SET),
             targets
                 .iter()
@@ -696,6 +719,24 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// `cdctl --socket <name's socket> ARGS`, which must succeed and print JSON
+    /// (pass `--json` in `args` where the command needs it), parsed.
+    pub fn cdctl_json(&self, name: &str, args: &[&str]) -> Result<Value> {
+        let mut c = self.cdctl(name)?;
+        c.args(args);
+        let out = run(c, Duration::from_secs(60))?;
+        ensure!(
+            out.status.success(),
+            "cdctl {} ({name}) failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            out.stderr.trim(),
+            out.stdout.trim()
+        );
+        serde_json::from_str(out.stdout.trim())
+            .with_context(|| format!("cdctl {} ({name}) printed: {}", args.join(" "), out.stdout))
     }
 
     /// `cdctl --socket <name's socket> status --json`, parsed.

@@ -12,8 +12,11 @@
 //! - [`fileops`]: the file-operation fidelity matrix, as real syscalls.
 //! - [`compare`]: an independent comparator of two trees: paths, types, bytes, mode,
 //!   owner, mtime, symlink targets and hard-link structure.
-//! - [`cluster`]: launches a master and nodes as real `cdd` processes on loopback,
-//!   drives them with `cdctl`, and tears them down on drop.
+//! - [`cluster`]: launches a master and nodes as real `cdd` processes on loopback
+//!   (or one per network namespace), drives them with `cdctl`, and tears them down on
+//!   drop.
+//! - [`netns`]: a network of namespaces joined by a bridge, with per-host rate limits,
+//!   delay, cuttable links and kernel byte counters (root only).
 //! - [`build`]: builds the release daemon for the tools that launch clusters.
 //! - [`realtime`]: change→replica latency and burst replication of a real-time
 //!   cluster, measured from the outside (the demo and the benchmarks share it).
@@ -27,12 +30,13 @@ pub mod compare;
 )]
 pub mod fileops;
 pub mod mutate;
+pub mod netns;
 pub mod realtime;
 pub mod tree;
 
 #[expect(
     unsafe_code,
-    reason = "libc calls std lacks: utimensat(AT_SYMLINK_NOFOLLOW), kill, geteuid, sigwait"
+    reason = "libc calls std lacks: utimensat(AT_SYMLINK_NOFOLLOW), kill, geteuid, sigwait, setns"
 )]
 mod sys;
 

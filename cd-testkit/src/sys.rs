@@ -79,3 +79,17 @@ pub fn wait_for_termination_signal() -> io::Result<i32> {
         Ok(sig)
     }
 }
+
+/// Moves the calling thread into the network namespace `ns` (an open
+/// `/run/netns/<name>`). Other threads of the process stay where they are.
+pub(crate) fn setns_net(ns: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) takes a file descriptor that `ns` keeps open for the call and a
+    // namespace type; it touches no memory of ours.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

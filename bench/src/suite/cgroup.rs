@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::net::Host;
+use cd_testkit::netns::Host;
 
 /// One cgroup under `<unified>/cdsync-bench/`.
 #[derive(Debug)]

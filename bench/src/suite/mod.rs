@@ -1,8 +1,9 @@
 //! `bench suite`: cdsync side by side with the tools an operator would otherwise use,
 //! on the same seeded workloads, in one run (see `bench/README.md`).
 //!
-//! - [`net`]: a network namespace per host, bridged, with interface byte counters and
-//!   optional rate limits; [`cgroup`]: CPU time of all of a tool's processes.
+//! - [`cd_testkit::netns`]: a network namespace per host, bridged, with interface byte
+//!   counters and optional rate limits; [`cgroup`]: CPU time of all of a tool's
+//!   processes.
 //! - [`workload`]: the seeded W1 tree, the W2 mutation (and its exact undo), bursts.
 //! - [`verify`]: replicas judged identical from outside every tool.
 //! - [`tools`]: the tools, behind [`tools::Tool`].
@@ -11,7 +12,6 @@
 pub mod cgroup;
 pub mod install;
 pub mod measure;
-pub mod net;
 pub mod report;
 pub mod run;
 pub mod tools;
@@ -25,10 +25,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use self::cgroup::Cgroup;
-use self::net::Net;
 use self::tools::{Env, Tool};
 use self::workload::Tree;
 use crate::args::Options;
+use cd_testkit::netns::Net;
 
 /// Every tool, in table order. `cdd`/`cdctl` are built only if cdsync is among them.
 pub fn registry(names: Option<&[String]>, debug_daemon: bool) -> Result<Vec<Box<dyn Tool>>> {

@@ -10,12 +10,12 @@ use anyhow::{Context, Result, ensure};
 
 use super::cgroup::Cgroup;
 use super::measure::{self, Sample};
-use super::net::Net;
 use super::report::{Latency, Record, Report};
 use super::tools::{Style, Tool};
 use super::workload::{Tree, write_burst};
 use super::{env, fresh_replicas, install, registry};
 use crate::args::Options;
+use cd_testkit::netns::Net;
 
 pub const USAGE: &str = "\
 usage: bench suite [--quick | --smoke] [--runs N] [--tools a,b,..] [--workloads w1,w2,w3,w4,idle]
@@ -225,7 +225,7 @@ pub fn run(args: &Args) -> Result<Report> {
         cd_testkit::is_root(),
         "the side-by-side bench needs root (namespaces, cgroups)"
     );
-    super::net::check_available()?;
+    cd_testkit::netns::check_available()?;
     run_tools(args, registry(args.tools.as_deref(), args.debug_daemon)?)
 }
 

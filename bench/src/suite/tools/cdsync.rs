@@ -15,7 +15,7 @@ use anyhow::{Context, Result, ensure};
 use cd_testkit::cluster::{Cluster, ClusterSpec, MASTER, Placement};
 
 use super::{Env, Style, Tool};
-use crate::suite::net::Host;
+use cd_testkit::netns::Host;
 
 /// See the module docs.
 #[derive(Debug)]

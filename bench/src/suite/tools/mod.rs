@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::cgroup::Cgroup;
-use super::net::{Host, Net};
+use cd_testkit::netns::{Host, Net};
 
 pub mod cdsync;
 pub mod lsyncd;

@@ -39,7 +39,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::{Env, Style, Tool, terminate, write_file};
-use crate::suite::net::Host;
+use cd_testkit::netns::Host;
 
 /// The TCP port of the rsync daemons (rsync's well-known port; every replica has a
 /// namespace of its own, so nothing else there wants it).

@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{Env, terminate, write_file};
-use crate::suite::net::Host;
+use cd_testkit::netns::Host;
 
 /// The port sshd listens on in every namespace.
 pub const SSH_PORT: u16 = 22;

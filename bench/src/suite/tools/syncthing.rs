@@ -79,7 +79,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 
 use super::{Env, Style, Tool, terminate, write_file};
-use crate::suite::net::Host;
+use cd_testkit::netns::Host;
 
 /// Syncthing's sync (BEP) port, the same in every namespace.
 const SYNC_PORT: u16 = 22000;
