@@ -57,6 +57,11 @@ pub enum Request {
     },
     /// Per-node and per-link statistics from the job log.
     Stats,
+    /// The newest farm events from the job log (0 = the default, 100).
+    Events {
+        #[serde(default)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -417,7 +417,8 @@ impl JobLog {
             let mut st = c.prepare(
                 "SELECT id, at_ms, kind, node, content_set, job_id, detail FROM events
                  WHERE job_id = ?1
-                    OR (job_id IS NULL AND content_set = ?2 AND at_ms BETWEEN ?3 AND ?4)
+                    OR (job_id IS NULL AND (content_set = ?2 OR content_set IS NULL)
+                        AND at_ms BETWEEN ?3 AND ?4)
                  ORDER BY at_ms, id",
             )?;
             let events: Vec<Value> = st

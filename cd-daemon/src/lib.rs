@@ -118,6 +118,11 @@ impl Handler for Daemon {
             }
             Request::Job { id } => self.master()?.job(id).await.map_err(|e| format!("{e:#}")),
             Request::Stats => self.master()?.stats().await.map_err(|e| format!("{e:#}")),
+            Request::Events { limit } => self
+                .master()?
+                .events(limit)
+                .await
+                .map_err(|e| format!("{e:#}")),
         }
     }
 }

@@ -723,7 +723,7 @@ impl Cluster {
 
     /// `cdctl --socket <name's socket> ARGS`, which must succeed and print JSON
     /// (pass `--json` in `args` where the command needs it), parsed.
-    pub fn cdctl_json(&self, name: &str, args: &[&str]) -> Result<Value> {
+    pub fn cdctl_ok_json(&self, name: &str, args: &[&str]) -> Result<Value> {
         let mut c = self.cdctl(name)?;
         c.args(args);
         let out = run(c, Duration::from_secs(60))?;

@@ -64,6 +64,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The farm's events from the master's job log, newest first: nodes up and down,
+    /// reroutes, broken links, catch-ups.
+    Events {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// The route table of a content set (on the master): who sends to whom.
     Routes {
         /// Content set (optional when there is only one).
@@ -311,7 +319,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = call(&cli.socket, Request::Stats)?;
             print_json_or(&v, json, render_stats)
         }
+        Cmd::Events { limit, json } => {
+            let v = call(&cli.socket, Request::Events { limit })?;
+            print_json_or(&v, json, render_events)
+        }
     }
+}
+
+fn render_events(v: &serde_json::Value) -> String {
+    let mut s = String::new();
+    for e in v.as_array().into_iter().flatten() {
+        let at = e["at_unix_ms"].as_i64().unwrap_or(0);
+        let t = time::OffsetDateTime::from_unix_timestamp(at / 1000)
+            .map(|t| format!("{:02}:{:02}:{:02}Z", t.hour(), t.minute(), t.second()))
+            .unwrap_or_default();
+        s += &format!(
+            "{t}  {:<18} {:<10} {:<8} {}\n",
+            e["kind"].as_str().unwrap_or("?"),
+            e["node"].as_str().unwrap_or("-"),
+            e["content_set"].as_str().unwrap_or("-"),
+            e["detail"].as_str().unwrap_or("")
+        );
+    }
+    s.trim_end().to_owned()
 }
 
 /// The route tree, indented under the source.

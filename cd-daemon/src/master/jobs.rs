@@ -200,6 +200,13 @@ impl Master {
         self.joblog.stats().await
     }
 
+    /// The newest farm events (node up/down, reroutes, broken links, catch-ups,
+    /// skipped runs), newest first.
+    pub async fn events(&self, limit: usize) -> anyhow::Result<Value> {
+        let limit = if limit == 0 { 100 } else { limit.min(10_000) };
+        Ok(Value::Array(self.joblog.events(limit).await?))
+    }
+
     /// The job log, for the routing code's events.
     #[must_use]
     pub fn joblog(&self) -> &Arc<JobLog> {
