@@ -555,21 +555,18 @@ impl Node {
             // node) catches up at once with the full tree as the current change set,
             // so the stream continues from there: in real time always (it may have
             // missed change sets), otherwise when the master says it is behind.
-            let was: Vec<(String, String)> = before
-                .map(|b| {
-                    b.targets
-                        .into_iter()
-                        .map(|t| (t.name, t.data_addr))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let was: Vec<pb::Peer> = before.map(|b| b.targets).unwrap_or_default();
             let back: Vec<String> = set
                 .targets
                 .iter()
                 .filter(|t| {
+                    let prev = was.iter().find(|w| w.name == t.name);
+                    let new_here = prev.is_none_or(|w| w.data_addr != t.data_addr);
+                    // The master may also mark a child it already had as behind
+                    // (`cdctl catchup NODE`): that starts its catch-up too.
+                    let newly_behind = t.catch_up && prev.is_some_and(|w| !w.catch_up);
                     !t.data_addr.is_empty()
-                        && (set.realtime || t.catch_up)
-                        && !was.contains(&(t.name.clone(), t.data_addr.clone()))
+                        && ((new_here && (set.realtime || t.catch_up)) || newly_behind)
                 })
                 .map(|t| t.name.clone())
                 .collect();

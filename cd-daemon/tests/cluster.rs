@@ -1997,6 +1997,28 @@ fn relay_routes_failover_and_catch_up() {
     };
     find("node_down", "node2");
     find("reroute", "node3");
+    // An operator's catch-up of a node that is current: a full reconcile from its
+    // parent, then done.
+    let (code, v) = c
+        .cdctl_json(
+            MASTER,
+            &["catchup", "node5", "--json"],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!((code, &v["started"]), (0, &Value::from(1)), "{v}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !master_events(&c)
+        .iter()
+        .any(|e| e["kind"] == "catch_up_done" && e["node"] == "node5")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "`cdctl catchup node5` never finished: {:#?}",
+            master_events(&c)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     find("catch_up_waiting", "node2");
     find("catch_up_done", "node2");
     let caught = find("reroute", "node2");

@@ -97,8 +97,11 @@ enum Cmd {
     },
     /// Start the catch-up of recovered nodes that wait for a command (on the master).
     Catchup {
-        /// One node (default: every node waiting).
+        /// One node (default: every node waiting). A node that is current gets a
+        /// full reconcile from its parent all the same.
         node: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Join tokens (on the master).
     Token {
@@ -265,9 +268,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Cmd::Catchup { node } => {
+        Cmd::Catchup { node, json } => {
             let v = call(&cli.socket, Request::CatchUp { node })?;
-            out(&format!("{} catch-up(s) started", v["started"]))?;
+            if json {
+                out(&serde_json::to_string(&v)?)?;
+            } else {
+                out(&format!("{} catch-up(s) started", v["started"]))?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Sync {
