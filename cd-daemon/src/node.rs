@@ -1287,11 +1287,26 @@ impl Node {
             for sub in below {
                 results.insert(sub.target.clone(), sub);
             }
-            if lost_link && round < MAX_ROUNDS {
-                // A child failed on the link: the master routes around it (its
-                // subtree gets other parents, some of them maybe this node). Those
-                // new children get this job's change set in the next round.
-                for t in self.rerouted_children(set, &assignment.targets).await {
+            if round < MAX_ROUNDS {
+                // Routes may have changed under the job: a child failed on the link
+                // (the master routes around it; wait for that), or a node caught up
+                // or came back and was re-parented. Children this node has now that
+                // the job has not reached get its change set in the next round.
+                let now = if lost_link {
+                    self.rerouted_children(set, &assignment.targets).await
+                } else {
+                    state
+                        .assignment
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .map(|a| a.targets.clone())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|t| !t.data_addr.is_empty())
+                        .collect()
+                };
+                for t in now {
                     if only.is_none_or(|o| o.contains(&t.name))
                         && results.get(&t.name).is_none_or(|r| !r.ok)
                         && !pending.iter().any(|p| p.name == t.name)
