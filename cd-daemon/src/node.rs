@@ -1472,22 +1472,29 @@ impl Node {
         }
     }
 
-    /// A relay: forwards the change set it just received to its children (reading
-    /// the content from its own tree, which now holds it), as the same change set of
-    /// the same origin, so each child's sequence continues. A child that cannot apply
-    /// it incrementally gets the whole tree. Returns a result per target below.
+    /// A relay: forwards the change set it just received from `from` to its children
+    /// (reading the content from its own tree, which now holds it), as the same change
+    /// set of the same origin, so each child's sequence continues. A child that cannot
+    /// apply it incrementally gets the whole tree. Returns a result per target below.
+    ///
+    /// `from` itself is skipped if the routes made it a child meanwhile (a catch-up
+    /// from a group mate that ends with the caught-up node heading the group again):
+    /// it holds the change set already, and its transfer holds its content set's lock
+    /// until this node answers, so sending to it would wait out [`BUSY_WAIT`].
     async fn forward(
         self: &Arc<Self>,
         begin: &pb::TransferBegin,
+        from: &str,
         body: OutBody,
     ) -> Vec<pb::TargetResult> {
         let set = begin.content_set.as_str();
         let Some(state) = self.sets.get(set) else {
             return Vec::new();
         };
-        let Some(a) = state.assignment.lock().unwrap().clone() else {
+        let Some(mut a) = state.assignment.lock().unwrap().clone() else {
             return Vec::new();
         };
+        a.targets.retain(|t| t.name != from);
         if a.targets.is_empty() {
             return Vec::new();
         }
@@ -1689,9 +1696,9 @@ impl Node {
             // covers its whole subtree.
             if let Some(body) = s.forward.take() {
                 s.apply.subtree = if begin.dry_run {
-                    self.forward_dry_run(&begin, body).await
+                    self.forward_dry_run(&begin, from, body).await
                 } else {
-                    self.forward(&begin, body).await
+                    self.forward(&begin, from, body).await
                 };
             }
             if let Err(e) = conn.send(Msg::ApplyResult(s.apply.clone())).await {

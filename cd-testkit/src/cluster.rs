@@ -721,24 +721,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// `cdctl --socket <name's socket> ARGS`, which must succeed and print JSON
-    /// (pass `--json` in `args` where the command needs it), parsed.
-    pub fn cdctl_ok_json(&self, name: &str, args: &[&str]) -> Result<Value> {
-        let mut c = self.cdctl(name)?;
-        c.args(args);
-        let out = run(c, Duration::from_secs(60))?;
-        ensure!(
-            out.status.success(),
-            "cdctl {} ({name}) failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            out.stderr.trim(),
-            out.stdout.trim()
-        );
-        serde_json::from_str(out.stdout.trim())
-            .with_context(|| format!("cdctl {} ({name}) printed: {}", args.join(" "), out.stdout))
-    }
-
     /// `cdctl --socket <name's socket> status --json`, parsed.
     pub fn status(&self, name: &str) -> Result<Value> {
         let mut c = self.cdctl(name)?;

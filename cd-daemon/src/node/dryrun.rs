@@ -109,14 +109,17 @@ impl Node {
     pub(super) async fn forward_dry_run(
         self: &Arc<Self>,
         begin: &pb::TransferBegin,
+        from: &str,
         body: OutBody,
     ) -> Vec<pb::TargetResult> {
         let Some(state) = self.sets.get(&begin.content_set) else {
             return Vec::new();
         };
-        let Some(a) = state.assignment.lock().unwrap().clone() else {
+        let Some(mut a) = state.assignment.lock().unwrap().clone() else {
             return Vec::new();
         };
+        // Never back to the sender (see `forward`).
+        a.targets.retain(|t| t.name != from);
         let Ok(root) = tokio::task::block_in_place(|| fs::Root::open(&state.root)) else {
             return Vec::new();
         };
