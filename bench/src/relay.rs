@@ -33,6 +33,7 @@ use cd_testkit::cluster::{Cluster, ClusterSpec, MASTER};
 use cd_testkit::compare::compare;
 use cd_testkit::human_bytes;
 use cd_testkit::netns::Net;
+use cd_testkit::tree::noise;
 use serde_json::json;
 
 use crate::args::{Options, at_least};
@@ -115,20 +116,6 @@ struct Sample {
     wall: Duration,
     source_bytes: u64,
     all_bytes: u64,
-}
-
-/// Deterministic, incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// `files` files of `total` bytes in all, sizes spread over two orders of magnitude,

@@ -496,6 +496,22 @@ impl Gen<'_> {
     }
 }
 
+/// Deterministic, incompressible bytes (xorshift64 of `seed`): the same `seed` and
+/// `len` give the same bytes in every test and bench.
+#[must_use]
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,6 +63,7 @@ use cd_testkit::cluster::{Cluster, ClusterSpec, MASTER, SyncOutcome};
 use cd_testkit::compare::compare;
 use cd_testkit::mutate::{MutateSpec, mutate};
 use cd_testkit::netns::{Link, Net};
+use cd_testkit::tree::noise;
 use cd_testkit::tree::{TreeSpec, generate};
 use serde_json::Value;
 
@@ -95,20 +96,6 @@ fn binary(var: &str) -> PathBuf {
     let p = PathBuf::from(p);
     assert!(p.is_file(), "{var}={} is not a file", p.display());
     p
-}
-
-/// Deterministic, incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// What happened, printed as it happens with the time since the start.

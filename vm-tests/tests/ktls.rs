@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use cd_testkit::cluster::{Cluster, ClusterSpec};
 use cd_testkit::compare::assert_identical;
+use cd_testkit::tree::noise;
 use serde_json::Value;
 
 const BIG: usize = 8 << 20;
@@ -43,20 +44,6 @@ fn kernel_has_tls() -> bool {
         .unwrap_or_default()
         .split_whitespace()
         .any(|u| u == "tls")
-}
-
-/// Deterministic, incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn seed_tree(root: &Path, seed: u64) {
