@@ -1174,8 +1174,6 @@ impl Node {
         if job_id == 0 && assignment.is_source {
             state.full_reconciles.fetch_add(1, Ordering::Relaxed);
         }
-        let root_path = state.root.clone();
-        let index_path = self.index_path(set);
         let mut pending: Vec<pb::Peer> = assignment
             .targets
             .iter()
@@ -1187,26 +1185,7 @@ impl Node {
             let t0 = Instant::now();
             let began = t0;
             let filter = state.filter();
-            let (root, manifest) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
-                let root = fs::Root::open(&root_path)?;
-                let mut index = fs::HashIndex::load(&index_path);
-                let (manifest, stats) = fs::scan(&root, &mut index)?;
-                index.save(&index_path)?;
-                tracing::info!(
-                    content_set = set,
-                    entries = stats.entries,
-                    hashed = stats.hashed_files,
-                    cached = stats.cached_files,
-                    "scanned"
-                );
-                Ok((root, manifest))
-            })?;
-            // What the content set covers: the replicas reconcile against this.
-            let manifest = Arc::new(if filter.is_everything() {
-                manifest
-            } else {
-                filter.apply_to_manifest(&manifest)
-            });
+            let (root, manifest) = self.scan_for_targets(set, &filter)?;
             if assignment.is_source {
                 *state.known.lock().unwrap() = (assignment.realtime && !filter.is_noop())
                     .then(|| realtime::KnownTree::from_manifest(&manifest));
@@ -1378,6 +1357,42 @@ impl Node {
             delta: a.delta(),
             cache: self.delta_cache.clone(),
         })
+    }
+
+    /// Scans this node's tree of `set` (hashing only what changed since the index)
+    /// and keeps what `filter` covers: the manifest its targets reconcile against.
+    fn scan_for_targets(
+        &self,
+        set: &str,
+        filter: &Filter,
+    ) -> anyhow::Result<(fs::Root, Arc<cd_core::manifest::Manifest>)> {
+        let state = self
+            .sets
+            .get(set)
+            .with_context(|| format!("this node has no content set `{set}`"))?;
+        let index_path = self.index_path(set);
+        let (root, manifest) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
+            let root = fs::Root::open(&state.root)?;
+            let mut index = fs::HashIndex::load(&index_path);
+            let (manifest, stats) = fs::scan(&root, &mut index)?;
+            index.save(&index_path)?;
+            tracing::info!(
+                content_set = set,
+                entries = stats.entries,
+                hashed = stats.hashed_files,
+                cached = stats.cached_files,
+                "scanned"
+            );
+            Ok((root, manifest))
+        })?;
+        Ok((
+            root,
+            Arc::new(if filter.is_everything() {
+                manifest
+            } else {
+                filter.apply_to_manifest(&manifest)
+            }),
+        ))
     }
 
     /// Sends `out` to every peer concurrently; each result with the time it took.

@@ -56,20 +56,7 @@ impl Node {
         }
         let t0 = Instant::now();
         let filter = state.filter();
-        let root_path = state.root.clone();
-        let index_path = self.index_path(set);
-        let (root, manifest) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
-            let root = fs::Root::open(&root_path)?;
-            let mut index = fs::HashIndex::load(&index_path);
-            let (manifest, _) = fs::scan(&root, &mut index)?;
-            index.save(&index_path)?;
-            Ok((root, manifest))
-        })?;
-        let manifest = Arc::new(if filter.is_everything() {
-            manifest
-        } else {
-            filter.apply_to_manifest(&manifest)
-        });
+        let (root, manifest) = self.scan_for_targets(set, &filter)?;
         report.scan_ms = t0.elapsed().as_millis() as u64;
         report.source_entries = manifest.len() as u64;
         let seq = self.current_seq(set);
