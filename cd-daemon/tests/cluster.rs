@@ -13,6 +13,7 @@ use cd_testkit::cluster::{Cluster, ClusterSpec, MASTER, counter, run, target_rep
 use cd_testkit::compare::{assert_identical, compare};
 use cd_testkit::mutate::{MutateSpec, mutate};
 use cd_testkit::signal::SIGKILL;
+use cd_testkit::tree::files_under;
 use cd_testkit::tree::{TreeSpec, generate};
 use serde_json::Value;
 
@@ -60,26 +61,6 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
         i += 1;
     }
     out.truncate(len);
-    out
-}
-
-/// Regular files anywhere under `dir` (empty if it does not exist).
-fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        let Ok(md) = fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.is_dir() {
-            out.extend(files_under(&p));
-        } else if md.is_file() {
-            out.push((p, md.len()));
-        }
-    }
     out
 }
 

@@ -512,6 +512,28 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Regular files anywhere under `dir` with their sizes (symlinks not followed; empty
+/// if `dir` does not exist).
+#[must_use]
+pub fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(md) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() {
+            out.extend(files_under(&p));
+        } else if md.is_file() {
+            out.push((p, md.len()));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

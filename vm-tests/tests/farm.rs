@@ -63,6 +63,7 @@ use cd_testkit::cluster::{Cluster, ClusterSpec, MASTER, SyncOutcome};
 use cd_testkit::compare::compare;
 use cd_testkit::mutate::{MutateSpec, mutate};
 use cd_testkit::netns::{Link, Net};
+use cd_testkit::tree::files_under;
 use cd_testkit::tree::noise;
 use cd_testkit::tree::{TreeSpec, generate};
 use serde_json::Value;
@@ -275,26 +276,6 @@ impl Routes {
 
 /// Time allowed to a `cdctl` call that does not wait for anything.
 const CDCTL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Regular files anywhere under `dir` (empty if it does not exist).
-fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        let Ok(md) = fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.is_dir() {
-            out.extend(files_under(&p));
-        } else if md.is_file() {
-            out.push((p, md.len()));
-        }
-    }
-    out
-}
 
 /// Polls `<root>/.cdsync/stage/` until it holds a file of more than 1 MiB but less
 /// than `full_len` bytes (the big file arriving) or `sync` has finished.
