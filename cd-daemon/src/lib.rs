@@ -9,6 +9,7 @@
 //! [`config::Config::resolve`] (against this machine) → [`run`] (bind sockets, start
 //! roles). A configuration problem is reported before anything is bound.
 
+pub mod alert;
 pub mod config;
 pub mod control;
 pub mod delta;

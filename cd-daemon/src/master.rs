@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
+use crate::alert::{Alert, Alerts, Severity};
 use crate::config::{Config, MasterConfig};
 use crate::joblog::JobLog;
 use crate::net::{self, ServerConn};
@@ -74,6 +75,8 @@ pub struct Master {
     tokens: Mutex<TokenStore>,
     state: Mutex<State>,
     joblog: Arc<JobLog>,
+    /// Alerts raised from farm events, checks and jobs.
+    alerts: Alerts,
     /// Scheduled content sets' timers, by set.
     timers: Mutex<BTreeMap<String, jobs::Timer>>,
 }
@@ -120,6 +123,7 @@ impl Master {
                 next_session: 0,
                 pending: HashMap::new(),
             }),
+            alerts: Alerts::new(joblog.clone()),
             joblog,
             timers: Mutex::new(BTreeMap::new()),
             cfg: mcfg,
@@ -264,6 +268,9 @@ impl Master {
             }));
             while st.events.len() > EVENT_HISTORY {
                 st.events.pop_front();
+            }
+            if let Some(a) = alert_of(&e) {
+                self.alerts.raise(a);
             }
         }
     }
@@ -608,6 +615,17 @@ impl Master {
         tracing::info!(node = %name, "node disconnected");
         self.push_assignments();
         result
+    }
+}
+
+/// The alert a farm event raises or resolves, if any.
+fn alert_of(e: &FarmEvent) -> Option<Alert> {
+    let down =
+        |summary: &str| Alert::firing("NodeDown", Some(&e.node), Severity::Critical, summary);
+    match e.kind {
+        "node_down" => Some(down(&format!("no control session: {}", e.detail))),
+        "node_up" => Some(down("").resolved(format!("back: {}", e.detail))),
+        _ => None,
     }
 }
 
