@@ -64,6 +64,114 @@ pub struct MasterConfig {
     pub link_classes: BTreeMap<LinkClass, LinkPolicy>,
     /// Days of jobs and events the job log keeps (`job_log_retention_days`, default 30).
     pub job_log_retention_days: u32,
+    /// The server monitor: what nodes sample, what the master checks, and the
+    /// thresholds that alert or route around a node (`[master.monitor]`).
+    pub monitor: MonitorConfig,
+}
+
+/// `[master.monitor]`: see the README (Monitoring).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonitorConfig {
+    /// How often nodes sample and the master runs its checks (`interval`, default 10s).
+    pub interval: std::time::Duration,
+    /// Ports whose established connections count as sessions, and that the master
+    /// checks with a TCP connect on every node (`service_ports`, default none).
+    pub service_ports: Vec<u16>,
+    /// The master pings every node with ICMP echo (`icmp`, default false; needs root
+    /// or CAP_NET_RAW).
+    pub icmp: bool,
+    /// How long a TCP connect or ping may take before it fails (`check_timeout`,
+    /// default 2s).
+    pub check_timeout: std::time::Duration,
+    /// Days of samples the job log keeps (`history_days`, default 7).
+    pub history_days: u32,
+    pub thresholds: Vec<Threshold>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval: std::time::Duration::from_secs(10),
+            service_ports: Vec::new(),
+            icmp: false,
+            check_timeout: std::time::Duration::from_secs(2),
+            history_days: 7,
+            thresholds: Vec::new(),
+        }
+    }
+}
+
+/// A monitored value that a threshold may watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    Load1,
+    Load5,
+    Load15,
+    CpuBusyRatio,
+    MemoryUsedRatio,
+    /// The fullest content root's file system.
+    DiskUsedRatio,
+    Sessions,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 7] = [
+        Metric::Load1,
+        Metric::Load5,
+        Metric::Load15,
+        Metric::CpuBusyRatio,
+        Metric::MemoryUsedRatio,
+        Metric::DiskUsedRatio,
+        Metric::Sessions,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Load1 => "load1",
+            Metric::Load5 => "load5",
+            Metric::Load15 => "load15",
+            Metric::CpuBusyRatio => "cpu_busy_ratio",
+            Metric::MemoryUsedRatio => "memory_used_ratio",
+            Metric::DiskUsedRatio => "disk_used_ratio",
+            Metric::Sessions => "sessions",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    /// A share in 0..=1 (thresholds must be too).
+    pub fn is_ratio(self) -> bool {
+        matches!(
+            self,
+            Metric::CpuBusyRatio | Metric::MemoryUsedRatio | Metric::DiskUsedRatio
+        )
+    }
+}
+
+/// What crossing a threshold does besides alerting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdAction {
+    /// Alert only.
+    Alert,
+    /// Alert, and route around the node (it still receives, never relays).
+    RouteAround,
+}
+
+/// `[[master.monitor.thresholds]]`: fires when `metric` is above `above` for
+/// `for_samples` consecutive samples, clears when it is below `clear_below`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    /// Only for the servers of this group; a group's thresholds for a metric replace
+    /// the farm-wide ones (no `group`) for that metric.
+    pub group: Option<String>,
+    pub metric: Metric,
+    pub above: f64,
+    pub clear_below: f64,
+    pub for_samples: u32,
+    pub action: ThresholdAction,
 }
 
 /// What a link class overrides of a content set's transfer policy (`None`: keep it).
@@ -207,6 +315,10 @@ pub struct NodeConfig {
     /// Read files for sending with `O_DIRECT` (io_uring only; filesystems that refuse
     /// it are read buffered).
     pub direct_io: bool,
+    /// Where the monitor reads `stat`, `meminfo`, `loadavg` and `net/tcp{,6}`
+    /// (`monitor_proc_root`, default `/proc`; another directory is for tests and
+    /// containers that mount the host's proc elsewhere).
+    pub monitor_proc_root: PathBuf,
 }
 
 /// A content set as a node sees it: where its root is on this machine.
@@ -250,11 +362,35 @@ struct RawMaster {
     listen: Spanned<String>,
     pki_dir: Spanned<PathBuf>,
     job_log_retention_days: Option<Spanned<i64>>,
+    monitor: Option<RawMonitor>,
     #[serde(default)]
     content_sets: Vec<RawMasterSet>,
     #[serde(default)]
     servers: Vec<RawServer>,
     link_classes: Option<RawLinkClasses>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMonitor {
+    interval: Option<Spanned<String>>,
+    service_ports: Option<Vec<Spanned<i64>>>,
+    icmp: Option<bool>,
+    check_timeout: Option<Spanned<String>>,
+    history_days: Option<Spanned<i64>>,
+    #[serde(default)]
+    thresholds: Vec<RawThreshold>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawThreshold {
+    group: Option<Spanned<String>>,
+    metric: Spanned<String>,
+    above: Spanned<f64>,
+    clear_below: Spanned<f64>,
+    for_samples: Option<Spanned<i64>>,
+    action: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +476,7 @@ struct RawNode {
     trusted_peers: Option<Vec<Spanned<String>>>,
     file_io: Option<Spanned<String>>,
     direct_io: Option<Spanned<bool>>,
+    monitor_proc_root: Option<Spanned<PathBuf>>,
     #[serde(default)]
     content_sets: Vec<RawNodeSet>,
 }
@@ -638,6 +775,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     ));
                 }
             };
+            let monitor = match &m.monitor {
+                None => MonitorConfig::default(),
+                Some(raw) => parse_monitor(raw, &servers, &err)?,
+            };
             let mc = MasterConfig {
                 listen,
                 pki_dir,
@@ -645,6 +786,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 servers,
                 link_classes,
                 job_log_retention_days,
+                monitor,
             };
             mc.topology()
                 .map_err(|e| err(0..0, format!("[[master.servers]]: {e}")))?;
@@ -774,6 +916,12 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 Some(d) => *d.get_ref(),
                 None => false,
             };
+            let monitor_proc_root = match &n.monitor_proc_root {
+                None => PathBuf::from("/proc"),
+                Some(p) => {
+                    absolute(p).map_err(|r| err(p.span(), format!("monitor_proc_root: {r}")))?
+                }
+            };
             Some(NodeConfig {
                 master_addr: n.master_addr.get_ref().clone(),
                 master_name: n.master_name.get_ref().clone(),
@@ -787,6 +935,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 trusted_peers,
                 file_io,
                 direct_io,
+                monitor_proc_root,
             })
         }
     };
@@ -1049,6 +1198,173 @@ fn parse_catch_up(v: &str) -> Result<CatchUp, String> {
 }
 
 type ErrAt<'a> = dyn Fn(Range<usize>, String) -> ConfigError + 'a;
+
+/// `"500ms"`, `"10s"`, `"5m"`, `"1h"`: a positive whole number and one unit.
+pub fn parse_interval(v: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("interval `{v}` is not a whole number with a unit (ms, s, m, h)");
+    let split = v.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// `[master.monitor]`, its thresholds checked against the farm's groups.
+fn parse_monitor(
+    raw: &RawMonitor,
+    servers: &[ServerSpec],
+    err: &ErrAt<'_>,
+) -> Result<MonitorConfig, ConfigError> {
+    use std::time::Duration;
+    let mut out = MonitorConfig::default();
+    let duration = |v: &Spanned<String>, what: &str, range: Range<Duration>| {
+        let d = parse_interval(v.get_ref()).map_err(|r| err(v.span(), format!("{what}: {r}")))?;
+        if !range.contains(&d) {
+            return Err(err(
+                v.span(),
+                format!(
+                    "{what} {} is out of range {:?}..{:?}",
+                    v.get_ref(),
+                    range.start,
+                    range.end
+                ),
+            ));
+        }
+        Ok(d)
+    };
+    if let Some(v) = &raw.interval {
+        out.interval = duration(
+            v,
+            "interval",
+            Duration::from_millis(100)..Duration::from_secs(3601),
+        )?;
+    }
+    if let Some(v) = &raw.check_timeout {
+        out.check_timeout = duration(
+            v,
+            "check_timeout",
+            Duration::from_millis(10)..Duration::from_secs(61),
+        )?;
+    }
+    for p in raw.service_ports.iter().flatten() {
+        let port = u16::try_from(*p.get_ref())
+            .ok()
+            .filter(|&x| x != 0)
+            .ok_or_else(|| {
+                err(
+                    p.span(),
+                    format!("service port {} is out of range 1..=65535", p.get_ref()),
+                )
+            })?;
+        if out.service_ports.contains(&port) {
+            return Err(err(
+                p.span(),
+                format!("service port {port} is listed twice"),
+            ));
+        }
+        out.service_ports.push(port);
+    }
+    out.icmp = raw.icmp.unwrap_or(false);
+    if let Some(d) = &raw.history_days {
+        out.history_days = u32::try_from(*d.get_ref())
+            .ok()
+            .filter(|d| (1..=3650).contains(d))
+            .ok_or_else(|| {
+                err(
+                    d.span(),
+                    format!("history_days {} is out of range 1..=3650", d.get_ref()),
+                )
+            })?;
+    }
+    for t in &raw.thresholds {
+        let metric = Metric::parse(t.metric.get_ref()).ok_or_else(|| {
+            err(
+                t.metric.span(),
+                format!(
+                    "unknown metric `{}` (one of {})",
+                    t.metric.get_ref(),
+                    Metric::ALL.map(Metric::as_str).join(", ")
+                ),
+            )
+        })?;
+        let group = match &t.group {
+            None => None,
+            Some(g) => {
+                let known =
+                    servers.iter().any(|s| s.group == *g.get_ref()) || g.get_ref() == "default";
+                if !known {
+                    return Err(err(
+                        g.span(),
+                        format!(
+                            "unknown group `{}`: no [[master.servers]] is in it",
+                            g.get_ref()
+                        ),
+                    ));
+                }
+                Some(g.get_ref().clone())
+            }
+        };
+        let (above, clear_below) = (*t.above.get_ref(), *t.clear_below.get_ref());
+        for (what, v) in [("above", &t.above), ("clear_below", &t.clear_below)] {
+            let x = *v.get_ref();
+            if !x.is_finite() || x < 0.0 || (metric.is_ratio() && x > 1.0) {
+                let range = if metric.is_ratio() {
+                    "0..=1 (a ratio)"
+                } else {
+                    ">= 0"
+                };
+                return Err(err(
+                    v.span(),
+                    format!("{what} {x} is out of range {range} for {}", metric.as_str()),
+                ));
+            }
+        }
+        if clear_below >= above {
+            return Err(err(
+                t.clear_below.span(),
+                format!("clear_below {clear_below} must be below above = {above} (hysteresis)"),
+            ));
+        }
+        let for_samples = match &t.for_samples {
+            None => 1,
+            Some(n) => u32::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| {
+                    err(
+                        n.span(),
+                        format!("for_samples {} is out of range 1..=1000", n.get_ref()),
+                    )
+                })?,
+        };
+        let action = match t.action.as_ref().map(|a| (a.get_ref().as_str(), a.span())) {
+            None | Some(("alert", _)) => ThresholdAction::Alert,
+            Some(("route_around", _)) => ThresholdAction::RouteAround,
+            Some((other, span)) => {
+                return Err(err(
+                    span,
+                    format!("action `{other}` is not one of alert, route_around"),
+                ));
+            }
+        };
+        out.thresholds.push(Threshold {
+            group,
+            metric,
+            above,
+            clear_below,
+            for_samples,
+            action,
+        });
+    }
+    Ok(out)
+}
 
 fn zstd_level(v: &Option<Spanned<i64>>, err: &ErrAt<'_>) -> Result<Option<i32>, ConfigError> {
     match v {
@@ -1420,6 +1736,143 @@ root = "/srv/www"
         ))
         .unwrap();
         assert_eq!(c.master.unwrap().job_log_retention_days, 7);
+    }
+
+    /// `MASTER_SET` with a `web` group and `monitor` (the `[master.monitor]` body and
+    /// its sub-tables) before the content set.
+    fn with_monitor(monitor: &str) -> String {
+        MASTER_SET.replace(
+            "pki_dir = \"/etc/cdsync/pki\"\n",
+            &format!(
+                "pki_dir = \"/etc/cdsync/pki\"\n[[master.servers]]\nname = \"node2\"\n\
+                 region = \"r\"\ngroup = \"web\"\n[master.monitor]\n{monitor}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn monitor_settings_parse() {
+        let m = p(MASTER_SET).unwrap().master.unwrap().monitor;
+        assert_eq!(m, MonitorConfig::default());
+        let c = p(&with_monitor(
+            "interval = \"250ms\"\nservice_ports = [80, 443]\nicmp = true\n\
+             check_timeout = \"1s\"\nhistory_days = 2\n\
+             [[master.monitor.thresholds]]\ngroup = \"web\"\nmetric = \"load1\"\n\
+             above = 8.0\nclear_below = 6.0\naction = \"route_around\"\nfor_samples = 3\n\
+             [[master.monitor.thresholds]]\nmetric = \"disk_used_ratio\"\nabove = 0.9\nclear_below = 0.85\n",
+        ))
+        .unwrap();
+        let m = c.master.unwrap().monitor;
+        assert_eq!(m.interval, std::time::Duration::from_millis(250));
+        assert_eq!(m.service_ports, [80, 443]);
+        assert!(m.icmp);
+        assert_eq!(m.check_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(m.history_days, 2);
+        assert_eq!(
+            m.thresholds,
+            [
+                Threshold {
+                    group: Some("web".into()),
+                    metric: Metric::Load1,
+                    above: 8.0,
+                    clear_below: 6.0,
+                    for_samples: 3,
+                    action: ThresholdAction::RouteAround,
+                },
+                Threshold {
+                    group: None,
+                    metric: Metric::DiskUsedRatio,
+                    above: 0.9,
+                    clear_below: 0.85,
+                    for_samples: 1,
+                    action: ThresholdAction::Alert,
+                },
+            ]
+        );
+        let n = p(&GOOD.replace(
+            "join_token = \"cdj1.x\"",
+            "join_token = \"cdj1.x\"\nmonitor_proc_root = \"/tmp/proc\"",
+        ))
+        .unwrap();
+        assert_eq!(n.node.unwrap().monitor_proc_root, Path::new("/tmp/proc"));
+        assert_eq!(
+            p(GOOD).unwrap().node.unwrap().monitor_proc_root,
+            Path::new("/proc")
+        );
+    }
+
+    #[test]
+    fn bad_monitor_settings_are_located() {
+        let thr = |body: &str| format!("[[master.monitor.thresholds]]\n{body}");
+        // (the [master.monitor] text, the text the error must point at, words of the reason)
+        let cases = [
+            (
+                thr("metric = \"load\"\nabove = 8.0\nclear_below = 6.0"),
+                "\"load\"",
+                "unknown metric `load`",
+            ),
+            (
+                thr("metric = \"load1\"\nabove = 8.0\nclear_below = 8.0"),
+                "8.0",
+                "clear_below 8 must be below above = 8",
+            ),
+            (
+                thr("metric = \"load1\"\nabove = 8.0\nclear_below = 9.5"),
+                "9.5",
+                "must be below",
+            ),
+            (
+                thr("group = \"db\"\nmetric = \"load1\"\nabove = 8.0\nclear_below = 6.0"),
+                "\"db\"",
+                "unknown group `db`",
+            ),
+            (
+                thr("metric = \"cpu_busy_ratio\"\nabove = 90.0\nclear_below = 0.5"),
+                "90.0",
+                "0..=1",
+            ),
+            (
+                thr("metric = \"load1\"\nabove = 8.0\nclear_below = 6.0\naction = \"page\""),
+                "\"page\"",
+                "action `page`",
+            ),
+            (
+                thr("metric = \"load1\"\nabove = 8.0\nclear_below = 6.0\nfor_samples = 0"),
+                "0",
+                "for_samples 0",
+            ),
+            (
+                thr("metric = \"load1\"\nabove = 8.0"),
+                "",
+                "missing field `clear_below`",
+            ),
+            (
+                "interval = \"10\"".to_owned(),
+                "\"10\"",
+                "interval: interval `10`",
+            ),
+            ("interval = \"10ms\"".to_owned(), "\"10ms\"", "out of range"),
+            (
+                "service_ports = [80, 70000]".to_owned(),
+                "70000",
+                "out of range 1..=65535",
+            ),
+            ("service_ports = [80, 80]".to_owned(), "80]", "listed twice"),
+            ("pings = true".to_owned(), "pings", "unknown field"),
+        ];
+        for (body, at, why) in cases {
+            let text = with_monitor(&body);
+            let e = p(&text).unwrap_err();
+            assert!(e.reason.contains(why), "{body}: {e}");
+            if at.is_empty() {
+                assert!(e.line > 0, "{body}: {e}");
+                continue;
+            }
+            let offset = text.find(&body).unwrap() + body.rfind(at).unwrap();
+            let line = text[..offset].matches('\n').count() + 1;
+            let column = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+            assert_eq!((e.line, e.column), (line, column), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub enum Request {
         #[serde(default)]
         limit: usize,
     },
+    /// The monitor: newest sample, thresholds, checks and history of each node (or one).
+    Health {
+        #[serde(default)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

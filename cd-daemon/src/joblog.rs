@@ -10,7 +10,9 @@
 //!   a oneshot channel and see every write sent before them. Dropping the [`JobLog`]
 //!   flushes what is queued and joins the thread.
 //! - **Retention**: jobs that started, and events that happened, more than
-//!   `retention_days` ago are deleted when the log opens and every hour after.
+//!   `retention_days` ago are deleted when the log opens and every hour after; so are
+//!   monitor samples older than `history_days` (`[master.monitor]`).
+//! - **Samples**: every node's monitor samples (table `samples`), for `cdctl health`.
 //! - A job still `running` when the log opens was cut short by a master restart: it is
 //!   marked `failed` with that reason.
 //!
@@ -28,8 +30,10 @@ use cd_proto::pb;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
 
-/// The schema this build writes.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this build writes (2: the `samples` table).
+const SCHEMA_VERSION: i64 = 2;
+/// The default of `[master.monitor] history_days`.
+pub const DEFAULT_HISTORY_DAYS: u32 = 7;
 /// How often old rows are pruned while running.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// The default of `job_log_retention_days`.
@@ -94,6 +98,24 @@ CREATE TABLE events (
 );
 CREATE INDEX events_by_time ON events (at_ms);
 CREATE INDEX events_by_job ON events (job_id);
+";
+
+/// Version 2: monitor samples. NULL: not measured in that sample.
+const SCHEMA_SAMPLES: &str = "
+CREATE TABLE samples (
+    at_ms       INTEGER NOT NULL,
+    node        TEXT NOT NULL,
+    cpu_busy    REAL,
+    mem_used    REAL,
+    load1       REAL,
+    load5       REAL,
+    load15      REAL,
+    disk_used   REAL,
+    sessions    INTEGER,
+    detail      TEXT NOT NULL
+);
+CREATE INDEX samples_by_node ON samples (node, at_ms);
+CREATE INDEX samples_by_time ON samples (at_ms);
 ";
 
 /// What started a job.
@@ -188,6 +210,11 @@ enum Op {
         job: Option<u64>,
         detail: String,
     },
+    Sample {
+        at_ms: i64,
+        node: String,
+        sample: Box<pb::MonitorSample>,
+    },
     Read(ReadFn),
 }
 
@@ -217,6 +244,16 @@ impl JobLog {
 
     /// Opens the log, keeping `retention_days` of jobs and events.
     pub fn open_with(path: &Path, retention_days: u32) -> anyhow::Result<JobLog> {
+        Self::open_keeping(path, retention_days, DEFAULT_HISTORY_DAYS)
+    }
+
+    /// Opens the log, keeping `retention_days` of jobs and events and `history_days`
+    /// of monitor samples.
+    pub fn open_keeping(
+        path: &Path,
+        retention_days: u32,
+        history_days: u32,
+    ) -> anyhow::Result<JobLog> {
         let ctx = || format!("job log {}", path.display());
         let conn = Connection::open(path).with_context(ctx)?;
         setup(&conn).with_context(ctx)?;
@@ -237,12 +274,15 @@ impl JobLog {
                 "job log: jobs cut short by a master restart marked failed"
             );
         }
-        let retention_ms = i64::from(retention_days.max(1)) * 86_400_000;
-        prune(&conn, now_ms() - retention_ms).with_context(ctx)?;
+        let retention = Retention {
+            log_ms: i64::from(retention_days.max(1)) * 86_400_000,
+            samples_ms: i64::from(history_days.max(1)) * 86_400_000,
+        };
+        prune(&conn, now_ms(), retention).with_context(ctx)?;
         let (tx, rx) = mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("cdd-joblog".into())
-            .spawn(move || writer(conn, rx, retention_ms))
+            .spawn(move || writer(conn, rx, retention))
             .with_context(ctx)?;
         tracing::info!(path = %path.display(), next_job = max + 1, retention_days, "job log open");
         Ok(JobLog {
@@ -334,6 +374,72 @@ impl JobLog {
             job,
             detail: detail.to_owned(),
         });
+    }
+
+    /// Records a monitor sample `node` sent at `unix_ms`.
+    pub fn sample(&self, node: &str, unix_ms: i64, sample: &pb::MonitorSample) {
+        self.send(Op::Sample {
+            at_ms: if unix_ms > 0 { unix_ms } else { now_ms() },
+            node: node.to_owned(),
+            sample: Box::new(sample.clone()),
+        });
+    }
+
+    /// Per node (or only `node`): how many samples the log holds, over which span,
+    /// and the mean and peak of each value, with the newest few samples.
+    pub async fn sample_summary(
+        &self,
+        node: Option<String>,
+    ) -> anyhow::Result<serde_json::Map<String, Value>> {
+        self.read(move |c| {
+            let mut out = serde_json::Map::new();
+            let mut st = c.prepare(
+                "SELECT node, COUNT(*), MIN(at_ms), MAX(at_ms),
+                        AVG(load1), MAX(load1), AVG(cpu_busy), MAX(cpu_busy),
+                        AVG(mem_used), MAX(mem_used), MAX(disk_used), MAX(sessions)
+                 FROM samples WHERE ?1 IS NULL OR node = ?1 GROUP BY node ORDER BY node",
+            )?;
+            let rows = st.query_map([&node], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    json!({
+                        "samples": r.get::<_, i64>(1)?,
+                        "first_ms": r.get::<_, i64>(2)?,
+                        "last_ms": r.get::<_, i64>(3)?,
+                        "load1": {"mean": r.get::<_, Option<f64>>(4)?, "max": r.get::<_, Option<f64>>(5)?},
+                        "cpu_busy_ratio": {"mean": r.get::<_, Option<f64>>(6)?, "max": r.get::<_, Option<f64>>(7)?},
+                        "memory_used_ratio": {"mean": r.get::<_, Option<f64>>(8)?, "max": r.get::<_, Option<f64>>(9)?},
+                        "disk_used_ratio": {"max": r.get::<_, Option<f64>>(10)?},
+                        "sessions": {"max": r.get::<_, Option<i64>>(11)?},
+                    }),
+                ))
+            })?;
+            for row in rows {
+                let (n, v) = row?;
+                out.insert(n, v);
+            }
+            let mut recent = c.prepare(
+                "SELECT at_ms, load1, cpu_busy, mem_used, disk_used, sessions FROM samples
+                 WHERE node = ?1 ORDER BY at_ms DESC LIMIT 10",
+            )?;
+            for (n, v) in out.iter_mut() {
+                let rows: Vec<Value> = recent
+                    .query_map([n], |r| {
+                        Ok(json!({
+                            "at_ms": r.get::<_, i64>(0)?,
+                            "load1": r.get::<_, Option<f64>>(1)?,
+                            "cpu_busy_ratio": r.get::<_, Option<f64>>(2)?,
+                            "memory_used_ratio": r.get::<_, Option<f64>>(3)?,
+                            "disk_used_ratio": r.get::<_, Option<f64>>(4)?,
+                            "sessions": r.get::<_, Option<i64>>(5)?,
+                        }))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                v["recent"] = Value::Array(rows);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Runs `f` on the writer thread after every write sent before it.
@@ -610,6 +716,13 @@ fn setup(conn: &Connection) -> anyhow::Result<()> {
         0 => {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(SCHEMA_SAMPLES)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
+        }
+        1 => {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(SCHEMA_SAMPLES)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
         }
@@ -623,9 +736,23 @@ fn setup(conn: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes jobs that started, and events that happened, before `cutoff_ms`.
-fn prune(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<()> {
+/// How long rows are kept.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    /// Jobs and events.
+    log_ms: i64,
+    samples_ms: i64,
+}
+
+/// Deletes jobs that started, and events that happened, before `now_ms` less the
+/// retention, and samples older than their own.
+fn prune(conn: &Connection, now_ms: i64, keep: Retention) -> rusqlite::Result<()> {
+    let cutoff_ms = now_ms - keep.log_ms;
     let tx = conn.unchecked_transaction()?;
+    let samples = tx.execute(
+        "DELETE FROM samples WHERE at_ms < ?1",
+        [now_ms - keep.samples_ms],
+    )?;
     tx.execute(
         "DELETE FROM job_targets WHERE job_id IN
          (SELECT id FROM jobs WHERE started_ms < ?1 AND state != 'running')",
@@ -637,13 +764,18 @@ fn prune(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<()> {
     )?;
     let events = tx.execute("DELETE FROM events WHERE at_ms < ?1", [cutoff_ms])?;
     tx.commit()?;
-    if jobs + events > 0 {
-        tracing::info!(jobs, events, "job log: pruned entries past retention");
+    if jobs + events + samples > 0 {
+        tracing::info!(
+            jobs,
+            events,
+            samples,
+            "job log: pruned entries past retention"
+        );
     }
     Ok(())
 }
 
-fn writer(conn: Connection, rx: mpsc::Receiver<Op>, retention_ms: i64) {
+fn writer(conn: Connection, rx: mpsc::Receiver<Op>, retention: Retention) {
     let mut pruned = Instant::now();
     loop {
         let first = match rx.recv_timeout(PRUNE_EVERY.saturating_sub(pruned.elapsed())) {
@@ -653,7 +785,7 @@ fn writer(conn: Connection, rx: mpsc::Receiver<Op>, retention_ms: i64) {
         };
         if pruned.elapsed() >= PRUNE_EVERY {
             pruned = Instant::now();
-            if let Err(e) = prune(&conn, now_ms() - retention_ms) {
+            if let Err(e) = prune(&conn, now_ms(), retention) {
                 tracing::warn!(error = %e, "job log: prune failed");
             }
         }
@@ -751,6 +883,35 @@ fn apply(c: &Connection, op: &Op) -> rusqlite::Result<()> {
                 "INSERT INTO events (at_ms, kind, node, content_set, job_id, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![at_ms, kind, node, set, job.map(|j| j as i64), detail],
+            )?;
+        }
+        Op::Sample {
+            at_ms,
+            node,
+            sample,
+        } => {
+            use crate::config::Metric;
+            use crate::monitor::metric_value;
+            let v = |m| metric_value(sample, m);
+            let detail = json!({"disks": sample.disks.iter().map(|d| json!({
+                "content_set": d.content_set, "used_ratio": d.used_ratio,
+                "available_bytes": d.available_bytes})).collect::<Vec<_>>(),
+                "unavailable": sample.unavailable});
+            c.execute(
+                "INSERT INTO samples (at_ms, node, cpu_busy, mem_used, load1, load5, load15,
+                 disk_used, sessions, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    at_ms,
+                    node,
+                    v(Metric::CpuBusyRatio),
+                    v(Metric::MemoryUsedRatio),
+                    v(Metric::Load1),
+                    v(Metric::Load5),
+                    v(Metric::Load15),
+                    v(Metric::DiskUsedRatio),
+                    v(Metric::Sessions).map(|x| x as i64),
+                    detail.to_string()
+                ],
             )?;
         }
         Op::Read(_) => unreachable!("reads are not batched"),
@@ -1124,6 +1285,57 @@ mod tests {
         assert_eq!(l["wire_bytes"], 120);
         assert_eq!(l["mean_duration_ms"], 10);
         assert_eq!(s["jobs"], 3);
+    }
+
+    #[test]
+    fn samples_are_summarised_pruned_and_added_to_a_version_1_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("joblog.sqlite");
+        // A log written before samples existed.
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let log = JobLog::open_keeping(&p, 30, 1).unwrap();
+        let now = now_ms();
+        let s = |load1: f64, disk: f64| pb::MonitorSample {
+            load1,
+            sessions: 3,
+            disks: vec![pb::DiskSample {
+                content_set: "www".into(),
+                used_ratio: disk,
+                available_bytes: 1,
+            }],
+            unavailable: vec!["cpu_busy_ratio: first sample".into()],
+            ..Default::default()
+        };
+        log.sample("node2", now - 2_000, &s(2.0, 0.5));
+        log.sample("node2", now - 1_000, &s(6.0, 0.25));
+        log.sample("node3", now - 1_000, &s(1.0, 0.1));
+        // Two days old: past `history_days = 1`, pruned when the log opens again.
+        log.sample("node3", now - 2 * 86_400_000, &s(9.0, 0.9));
+        let rt = rt();
+        let all = rt.block_on(log.sample_summary(None)).unwrap();
+        assert_eq!(all["node2"]["samples"], 2);
+        assert_eq!(all["node2"]["load1"]["mean"], 4.0);
+        assert_eq!(all["node2"]["load1"]["max"], 6.0);
+        assert_eq!(all["node2"]["disk_used_ratio"]["max"], 0.5);
+        assert_eq!(all["node2"]["sessions"]["max"], 3);
+        assert!(
+            all["node2"]["cpu_busy_ratio"]["max"].is_null(),
+            "not measured"
+        );
+        assert_eq!(all["node2"]["recent"][0]["load1"], 6.0, "newest first");
+        assert_eq!(all["node3"]["samples"], 2);
+        drop(log);
+        let log = JobLog::open_keeping(&p, 30, 1).unwrap();
+        let one = rt
+            .block_on(log.sample_summary(Some("node3".into())))
+            .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one["node3"]["samples"], 1, "{one:?}");
+        assert_eq!(one["node3"]["load1"]["max"], 1.0);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod link;
 pub mod localtime;
 pub mod master;
 pub mod metrics;
+pub mod monitor;
 pub mod net;
 pub mod node;
 pub mod pki;
@@ -122,6 +123,11 @@ impl Handler for Daemon {
             Request::Events { limit } => self
                 .master()?
                 .events(limit)
+                .await
+                .map_err(|e| format!("{e:#}")),
+            Request::Health { node } => self
+                .master()?
+                .health_json(node.as_deref())
                 .await
                 .map_err(|e| format!("{e:#}")),
         }

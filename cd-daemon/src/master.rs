@@ -15,6 +15,8 @@
 //! directly. Jobs, their per-target results and cluster events go to the SQLite job
 //! log ([`crate::joblog`]); running jobs and schedules is in [`jobs`].
 
+mod health;
+mod icmp;
 mod jobs;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -63,6 +65,8 @@ struct State {
     pending: HashMap<u64, (String, oneshot::Sender<pb::JobReport>)>,
     /// The last finished job of each content set (JSON, for `status`).
     last: BTreeMap<String, serde_json::Value>,
+    /// Monitor samples, thresholds and checks of the connected nodes.
+    health: health::HealthBook,
 }
 
 #[derive(Debug)]
@@ -100,8 +104,12 @@ impl Master {
         std::fs::create_dir_all(&cfg.state_dir)?;
         let log_path = cfg.state_dir.join("joblog.sqlite");
         let retention = mcfg.job_log_retention_days;
+        let history = mcfg.monitor.history_days;
         let joblog = Arc::new(
-            tokio::task::spawn_blocking(move || JobLog::open_with(&log_path, retention)).await??,
+            tokio::task::spawn_blocking(move || {
+                JobLog::open_keeping(&log_path, retention, history)
+            })
+            .await??,
         );
         let last = joblog
             .last_per_set()
@@ -122,6 +130,7 @@ impl Master {
                 sessions: BTreeMap::new(),
                 next_session: 0,
                 pending: HashMap::new(),
+                health: health::HealthBook::new(mcfg.monitor.clone()),
             }),
             alerts: Alerts::new(joblog.clone()),
             joblog,
@@ -129,6 +138,7 @@ impl Master {
             cfg: mcfg,
         });
         tokio::spawn(master.clone().farm_clock());
+        tokio::spawn(master.clone().monitor_checks());
         master.start_timers();
         tracing::info!(listen = %listen, "master started");
         tokio::spawn(
@@ -246,7 +256,19 @@ impl Master {
                 }
             })
             .collect();
-        pb::Assignment { content_sets }
+        pb::Assignment {
+            content_sets,
+            monitor: Some(pb::MonitorSettings {
+                interval_ms: self.cfg.monitor.interval.as_millis() as u32,
+                service_ports: self
+                    .cfg
+                    .monitor
+                    .service_ports
+                    .iter()
+                    .map(|&p| u32::from(p))
+                    .collect(),
+            }),
+        }
     }
 
     /// Logs farm events and keeps them for `status`.
@@ -288,6 +310,229 @@ impl Master {
         if events {
             self.push_assignments();
         }
+    }
+
+    /// Turns health changes into alerts and, where they route, into degraded nodes of
+    /// the farm. Returns whether the farm changed (assignments are then due).
+    fn apply_health(&self, st: &mut State, changes: Vec<health::Change>) -> bool {
+        let mut routed = false;
+        for c in changes {
+            let node = c.node().to_owned();
+            let (alert, detail) = match &c {
+                health::Change::Threshold {
+                    threshold: t,
+                    firing,
+                    value,
+                    ..
+                } => {
+                    let a = Alert::firing(
+                        "ThresholdCrossed",
+                        Some(&node),
+                        Severity::Warning,
+                        format!(
+                            "{} {} above {} ({})",
+                            t.metric.as_str(),
+                            value.map_or("?".into(), |v| format!("{v:.2}")),
+                            t.above,
+                            threshold_action(t.action)
+                        ),
+                    )
+                    .label("metric", t.metric.as_str());
+                    let detail = format!(
+                        "{} {} > {}",
+                        t.metric.as_str(),
+                        value.map_or("?".into(), |v| format!("{v:.2}")),
+                        t.above
+                    );
+                    if *firing {
+                        (a, detail)
+                    } else {
+                        let why = match value {
+                            Some(v) => format!(
+                                "{} {v:.2} below {} again",
+                                t.metric.as_str(),
+                                t.clear_below
+                            ),
+                            None => "node disconnected; no longer monitored".into(),
+                        };
+                        (a.resolved(why), detail)
+                    }
+                }
+                health::Change::Check {
+                    check,
+                    failing,
+                    detail,
+                    ..
+                } => {
+                    let a = Alert::firing(
+                        "CheckFailed",
+                        Some(&node),
+                        Severity::Critical,
+                        format!("{check}: {detail}"),
+                    )
+                    .label("check", check.as_str());
+                    if *failing {
+                        (a, detail.clone())
+                    } else {
+                        (a.resolved(format!("{check}: {detail}")), detail.clone())
+                    }
+                }
+            };
+            let firing = alert.state == crate::alert::AlertState::Firing;
+            self.alerts.raise(alert);
+            if let Some(cause) = c.cause() {
+                let ev = st
+                    .farm
+                    .set_degraded(&node, &cause, firing.then_some(detail.as_str()));
+                routed |= !ev.is_empty();
+                self.record_events(st, ev);
+            }
+        }
+        routed
+    }
+
+    /// A heartbeat with a monitor sample from `node`.
+    fn monitor_sample(&self, node: &str, unix_ms: i64, sample: pb::MonitorSample) {
+        self.joblog.sample(node, unix_ms, &sample);
+        let routed = {
+            let mut st = self.state.lock().unwrap();
+            let changes = st.health.sample(node, unix_ms, sample, Instant::now());
+            self.apply_health(&mut st, changes)
+        };
+        if routed {
+            self.push_assignments();
+        }
+    }
+
+    /// Every monitor interval: the silence check of every node, a TCP connect to each
+    /// service port of every connected node, and an ICMP echo when `icmp = true`.
+    async fn monitor_checks(self: Arc<Self>) {
+        let mcfg = self.cfg.monitor.clone();
+        let mut tick = tokio::time::interval(mcfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut icmp_refused = false;
+        loop {
+            tick.tick().await;
+            let routed = {
+                let mut st = self.state.lock().unwrap();
+                let changes = st.health.silence(Instant::now(), crate::joblog::now_ms());
+                self.apply_health(&mut st, changes)
+            };
+            if routed {
+                self.push_assignments();
+            }
+            let hosts: Vec<(String, std::net::IpAddr)> = {
+                let st = self.state.lock().unwrap();
+                st.sessions
+                    .iter()
+                    .filter_map(|(n, s)| {
+                        let ip = s.data_addr.parse::<SocketAddr>().ok()?.ip();
+                        Some((n.clone(), ip))
+                    })
+                    .collect()
+            };
+            let mut checks = tokio::task::JoinSet::new();
+            for (node, ip) in &hosts {
+                for &port in &mcfg.service_ports {
+                    let (node, ip, timeout) = (node.clone(), *ip, mcfg.check_timeout);
+                    checks.spawn(async move {
+                        let r = match tokio::time::timeout(
+                            timeout,
+                            tokio::net::TcpStream::connect((ip, port)),
+                        )
+                        .await
+                        {
+                            Ok(Ok(_)) => Ok(format!("{ip}:{port} accepts connections")),
+                            Ok(Err(e)) => Err(format!("connect {ip}:{port}: {e}")),
+                            Err(_) => Err(format!("connect {ip}:{port}: no answer in {timeout:?}")),
+                        };
+                        (node, format!("tcp:{port}"), r)
+                    });
+                }
+                if mcfg.icmp && !icmp_refused && ip.is_ipv4() {
+                    let (node, ip, timeout) = (node.clone(), *ip, mcfg.check_timeout);
+                    checks.spawn(async move {
+                        let r = tokio::task::spawn_blocking(move || icmp::ping(ip, timeout))
+                            .await
+                            .unwrap_or_else(|e| Err(icmp::PingError::Failed(e.to_string())));
+                        (
+                            node,
+                            "icmp".to_owned(),
+                            r.map_err(|e| e.to_string()).map(|rtt| {
+                                format!("echo reply in {:.1} ms", rtt.as_secs_f64() * 1e3)
+                            }),
+                        )
+                    });
+                }
+            }
+            let mut results = Vec::new();
+            while let Some(r) = checks.join_next().await {
+                if let Ok(r) = r {
+                    results.push(r);
+                }
+            }
+            let routed = {
+                let mut st = self.state.lock().unwrap();
+                let mut changes = Vec::new();
+                for (node, check, r) in results {
+                    if check == "icmp"
+                        && let Err(e) = &r
+                        && e.starts_with(icmp::NOT_PERMITTED)
+                    {
+                        // Not a failure of the node: the master cannot ping at all.
+                        tracing::error!(error = %e, "monitor: ICMP checks disabled");
+                        icmp_refused = true;
+                        continue;
+                    }
+                    // Only nodes still connected (a result may outlive its session).
+                    if st.sessions.contains_key(&node) {
+                        changes.extend(st.health.check(&node, &check, r, crate::joblog::now_ms()));
+                    }
+                }
+                self.apply_health(&mut st, changes)
+            };
+            if routed {
+                self.push_assignments();
+            }
+        }
+    }
+
+    /// `cdctl health [NODE]`: each node's newest sample, thresholds, checks and why it
+    /// is routed around, with a summary of the samples in the job log.
+    pub async fn health_json(&self, node: Option<&str>) -> anyhow::Result<serde_json::Value> {
+        let (mut nodes, monitored) = {
+            let st = self.state.lock().unwrap();
+            if let Some(n) = node
+                && st.farm.topology().id(n).is_none()
+                && !st.sessions.contains_key(n)
+            {
+                bail!("no node `{n}` in the farm");
+            }
+            let nodes = st.health.json(node, Instant::now());
+            let monitored: Vec<String> = st.health.nodes().map(str::to_owned).collect();
+            (nodes, monitored)
+        };
+        let history = self.joblog.sample_summary(node.map(str::to_owned)).await?;
+        for v in &mut nodes {
+            let name = v["node"].as_str().unwrap_or_default().to_owned();
+            let st = self.state.lock().unwrap();
+            v["degraded"] = serde_json::json!(st.farm.degraded(&name));
+            drop(st);
+            v["history"] = history
+                .get(&name)
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
+        }
+        let mc = &self.cfg.monitor;
+        Ok(serde_json::json!({
+            "interval_ms": mc.interval.as_millis() as u64,
+            "service_ports": mc.service_ports,
+            "icmp": mc.icmp,
+            "history_days": mc.history_days,
+            "monitored": monitored,
+            "nodes": nodes,
+            "alerts_firing": self.alerts.firing(),
+        }))
     }
 
     /// Runs due catch-ups and retries broken links when their time comes.
@@ -562,6 +807,14 @@ impl Master {
         };
         tracing::info!(node = %name, data_addr = %reg.data_addr, "node connected");
         self.farm_update(|f| f.connected(&name, &reg.progress, Instant::now()));
+        {
+            let mut st = self.state.lock().unwrap();
+            let topo = st.farm.topology();
+            let group = topo
+                .id(&name)
+                .map_or("default".to_owned(), |i| topo.server(i).group().to_owned());
+            st.health.connected(&name, &group, Instant::now());
+        }
         self.push_assignments();
         let (mut rx_conn, mut tx_conn) = conn.split();
         let writer = tokio::spawn(async move {
@@ -578,6 +831,10 @@ impl Master {
                 Err(_) => break Err(anyhow::anyhow!("no heartbeat for {SESSION_IDLE:?}")),
             };
             match msg {
+                Msg::Heartbeat(pb::Heartbeat {
+                    unix_ms,
+                    sample: Some(sample),
+                }) => self.monitor_sample(&name, unix_ms, sample),
                 Msg::Heartbeat(_) => {}
                 Msg::Progress(p) => {
                     self.farm_update(|f| f.progressed(&name, &p.sets, Instant::now()))
@@ -600,6 +857,8 @@ impl Master {
                 st.sessions.remove(&name);
                 let ev = st.farm.disconnected(&name, &why);
                 self.record_events(&mut st, ev);
+                let changes = st.health.disconnected(&name);
+                self.apply_health(&mut st, changes);
                 // Fail the jobs this node was running: their reports cannot come.
                 let dead: Vec<u64> = st
                     .pending
@@ -626,6 +885,13 @@ fn alert_of(e: &FarmEvent) -> Option<Alert> {
         "node_down" => Some(down(&format!("no control session: {}", e.detail))),
         "node_up" => Some(down("").resolved(format!("back: {}", e.detail))),
         _ => None,
+    }
+}
+
+fn threshold_action(a: crate::config::ThresholdAction) -> &'static str {
+    match a {
+        crate::config::ThresholdAction::Alert => "alert",
+        crate::config::ThresholdAction::RouteAround => "route_around",
     }
 }
 

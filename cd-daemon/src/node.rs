@@ -148,6 +148,10 @@ pub struct Node {
     /// Targets whose kernel-TLS link ran out of its record budget: the next
     /// connection to them uses rustls (see [`crate::link`]).
     rustls_only: Mutex<BTreeSet<String>>,
+    /// What the master asked the monitor to sample, and how often.
+    monitor: watch::Sender<Option<pb::MonitorSettings>>,
+    /// The monitor's reader of this machine (see [`crate::monitor`]).
+    sampler: Arc<Mutex<crate::monitor::Sampler>>,
 }
 
 pub fn now_unix() -> i64 {
@@ -206,6 +210,12 @@ impl Node {
                 )
             })
             .collect();
+        let ncfg_proc_root = ncfg.monitor_proc_root.clone();
+        let sampler_roots: Vec<(String, PathBuf)> = ncfg
+            .content_sets
+            .iter()
+            .map(|s| (s.name.clone(), s.root.clone()))
+            .collect();
         let node = Arc::new(Node {
             name: cfg.name.clone(),
             state_dir: cfg.state_dir.clone(),
@@ -222,6 +232,11 @@ impl Node {
             transport,
             links: Mutex::new(VecDeque::new()),
             rustls_only: Mutex::new(BTreeSet::new()),
+            monitor: watch::Sender::new(None),
+            sampler: Arc::new(Mutex::new(crate::monitor::Sampler::new(
+                ncfg_proc_root,
+                sampler_roots,
+            ))),
         });
         tracing::info!(node = %node.name, data_addr = %data_addr, "node started");
         tokio::spawn(
@@ -462,8 +477,20 @@ impl Node {
         *self.master_tx.lock().unwrap() = Some(tx.clone());
         self.master_connected.store(true, Ordering::Relaxed);
         tracing::info!(master = %self.cfg.master_addr, "connected to master");
+        let mut settings = self.monitor.subscribe();
+        // Settings kept from an earlier session apply at once.
+        settings.mark_changed();
+        let sampler = self.sampler.clone();
         let writer = tokio::spawn(async move {
+            let unix_ms = || {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0)
+            };
             let mut tick = tokio::time::interval(HEARTBEAT);
+            // The monitor's clock and service ports, once the master sent them.
+            let mut sampling: Option<(tokio::time::Interval, Arc<BTreeSet<u16>>)> = None;
             loop {
                 tokio::select! {
                     m = rx.recv() => match m {
@@ -471,8 +498,24 @@ impl Node {
                         None => return Ok::<(), NetError>(()),
                     },
                     _ = tick.tick() => {
-                        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-                        tx_conn.send(Msg::Heartbeat(pb::Heartbeat { unix_ms })).await?;
+                        tx_conn.send(Msg::Heartbeat(pb::Heartbeat { unix_ms: unix_ms(), sample: None })).await?;
+                    }
+                    Ok(()) = settings.changed() => {
+                        sampling = settings.borrow_and_update().as_ref().map(|m| {
+                            let every = Duration::from_millis(u64::from(m.interval_ms.max(100)));
+                            let mut i = tokio::time::interval(every);
+                            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            let ports = m.service_ports.iter().filter_map(|&p| u16::try_from(p).ok()).collect();
+                            (i, Arc::new(ports))
+                        });
+                    }
+                    _ = async { sampling.as_mut().expect("guarded").0.tick().await }, if sampling.is_some() => {
+                        let ports = sampling.as_ref().expect("guarded").1.clone();
+                        let sampler = sampler.clone();
+                        let sample = tokio::task::spawn_blocking(move || sampler.lock().unwrap().sample(&ports)).await;
+                        if let Ok(sample) = sample {
+                            tx_conn.send(Msg::Heartbeat(pb::Heartbeat { unix_ms: unix_ms(), sample: Some(sample) })).await?;
+                        }
                     }
                 }
             }
@@ -505,6 +548,14 @@ impl Node {
     }
 
     fn apply_assignment(self: &Arc<Self>, a: pb::Assignment) {
+        self.monitor.send_if_modified(|m| {
+            let changed = *m != a.monitor;
+            if changed {
+                tracing::info!(monitor = ?a.monitor, "monitor settings");
+                m.clone_from(&a.monitor);
+            }
+            changed
+        });
         for set in a.content_sets {
             let Some(s) = self.sets.get(&set.name) else {
                 tracing::warn!(content_set = %set.name, "master assigned a content set this node has no root for");

@@ -22,6 +22,11 @@
 //!   computation hangs a degraded node off its group's head), and that parent's first
 //!   transfer to a new child is a full reconcile. It is done when it reports holding
 //!   the change set it was behind.
+//! - **Monitor.** The master's monitor (thresholds with `action = "route_around"`,
+//!   failing checks) marks a node degraded with a cause ([`Farm::set_degraded`]); a
+//!   node with any cause is `Degraded` for routing: it still receives but never
+//!   relays, so its children are re-parented (events `degraded` and `recovered`, and
+//!   the `reroute`s that follow).
 //! - **Broken links.** A relay that cannot reach a child (connect, handshake or I/O
 //!   failure while the child's own session to the master is fine) reports the link;
 //!   the child is re-parented to the nearest other relay (a manual route the master
@@ -53,7 +58,7 @@ pub fn class_name(c: LinkClass) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FarmEvent {
     /// `node_up`, `node_down`, `reroute`, `link_failed`, `catch_up_waiting`,
-    /// `catch_up_started`, `catch_up_done`.
+    /// `catch_up_started`, `catch_up_done`, `degraded`, `recovered`.
     pub kind: &'static str,
     pub node: String,
     pub content_set: Option<String>,
@@ -120,6 +125,9 @@ pub struct Farm {
     seen: BTreeSet<ServerId>,
     /// Per node and content set: the change set it last applied `(origin, seq)`.
     progress: BTreeMap<(ServerId, String), (String, u64)>,
+    /// Nodes the monitor routes around: cause (`threshold:load1`, `check:tcp:80`,
+    /// `check:silence`, …) → what was seen.
+    degraded: BTreeMap<ServerId, BTreeMap<String, String>>,
     epoch: Instant,
 }
 
@@ -155,6 +163,7 @@ impl Farm {
             up: BTreeSet::new(),
             seen: BTreeSet::new(),
             progress: BTreeMap::new(),
+            degraded: BTreeMap::new(),
             epoch: Instant::now(),
         };
         farm.compute();
@@ -241,6 +250,8 @@ impl Farm {
             s.scheduler.handle_down(id);
             s.behind.remove(&id);
         }
+        // Down now; the monitor judges it afresh when it is back.
+        self.degraded.remove(&id);
         let mut ev = vec![FarmEvent {
             kind: "node_down",
             node: node.to_owned(),
@@ -362,6 +373,61 @@ impl Farm {
                 s.cfg.source
             ),
         }]
+    }
+
+    /// The monitor's judgement of `node` for `cause`: `Some(detail)` routes around it
+    /// (it still receives, never relays) until every cause is cleared with `None`.
+    pub fn set_degraded(
+        &mut self,
+        node: &str,
+        cause: &str,
+        detail: Option<&str>,
+    ) -> Vec<FarmEvent> {
+        let Some(id) = self.topo.id(node) else {
+            return Vec::new();
+        };
+        let causes = self.degraded.entry(id).or_default();
+        let was_degraded = !causes.is_empty();
+        let event = match detail {
+            Some(d) => {
+                let new = causes.insert(cause.to_owned(), d.to_owned()).is_none();
+                new.then(|| FarmEvent {
+                    kind: "degraded",
+                    node: node.to_owned(),
+                    content_set: None,
+                    detail: format!("{cause}: {d}; routed around (receives, never relays)"),
+                })
+            }
+            None => causes.remove(cause).map(|_| FarmEvent {
+                kind: "recovered",
+                node: node.to_owned(),
+                content_set: None,
+                detail: if causes.is_empty() {
+                    format!("{cause} cleared; relays again")
+                } else {
+                    let rest: Vec<&str> = causes.keys().map(String::as_str).collect();
+                    format!("{cause} cleared; still degraded by {}", rest.join(", "))
+                },
+            }),
+        };
+        let now_degraded = !causes.is_empty();
+        if !now_degraded {
+            self.degraded.remove(&id);
+        }
+        let mut ev: Vec<FarmEvent> = event.into_iter().collect();
+        if was_degraded != now_degraded {
+            ev.extend(self.compute());
+        }
+        ev
+    }
+
+    /// Why the monitor routes around `node` (cause → detail); empty when it does not.
+    pub fn degraded(&self, node: &str) -> BTreeMap<String, String> {
+        self.topo
+            .id(node)
+            .and_then(|id| self.degraded.get(&id))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// A relay could not reach `child` of `set`.
@@ -512,7 +578,10 @@ impl Farm {
             // A target holding only some data kinds receives but never relays.
             let h = if s.scheduler.is_held(id) {
                 Health::Down
-            } else if h == Health::Up && s.cfg.target_filters.contains_key(self.topo.name(id)) {
+            } else if h == Health::Up
+                && (s.cfg.target_filters.contains_key(self.topo.name(id))
+                    || self.degraded.contains_key(&id))
+            {
                 Health::Degraded
             } else {
                 h
@@ -635,6 +704,10 @@ impl Farm {
             "unreached": r.unreached.iter().map(|(n, why)| serde_json::json!({"node": n, "reason": why})).collect::<Vec<_>>(),
             "rejected_routes": r.rejected,
             "catching_up": s.behind.iter().map(|(id, seq)| serde_json::json!({"node": self.topo.name(*id), "until_seq": seq})).collect::<Vec<_>>(),
+            "degraded": self.degraded.iter()
+                .filter(|(id, _)| **id == s.source || s.targets.contains(id))
+                .map(|(id, c)| serde_json::json!({"node": self.topo.name(*id), "causes": c}))
+                .collect::<Vec<_>>(),
         }))
     }
 }
@@ -712,6 +785,47 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(r.parent("n2"), Some("n4"));
+    }
+
+    #[test]
+    fn a_degraded_head_is_routed_around_and_heads_again_when_it_recovers() {
+        let mut f = farm("");
+        up(&mut f, &["n1", "n2", "n3", "n4"]);
+        let head = f.routes("www").unwrap().children("n1")[0].0.clone();
+        let ev = f.set_degraded(&head, "threshold:load1", Some("load1 9 > 8"));
+        assert_eq!(ev[0].kind, "degraded", "{ev:?}");
+        assert!(ev.iter().any(|e| e.kind == "reroute"), "{ev:?}");
+        let r = f.routes("www").unwrap();
+        assert!(r.children(&head).is_empty(), "{r:?}");
+        assert_eq!(r.edges.len(), 3, "still receives: {r:?}");
+        let new_head = r.children("n1")[0].0.clone();
+        assert_ne!(new_head, head);
+        // A second cause changes nothing in the routes; clearing one of two neither.
+        let ev = f.set_degraded(&head, "check:tcp:80", Some("refused"));
+        assert_eq!(ev.iter().map(|e| e.kind).collect::<Vec<_>>(), ["degraded"]);
+        assert!(
+            f.set_degraded(&head, "check:tcp:80", Some("refused"))
+                .is_empty(),
+            "repeat"
+        );
+        let ev = f.set_degraded(&head, "threshold:load1", None);
+        assert_eq!(ev.iter().map(|e| e.kind).collect::<Vec<_>>(), ["recovered"]);
+        assert!(
+            ev[0].detail.contains("still degraded by check:tcp:80"),
+            "{ev:?}"
+        );
+        assert!(f.routes("www").unwrap().children(&head).is_empty());
+        let ev = f.set_degraded(&head, "check:tcp:80", None);
+        assert_eq!(ev[0].kind, "recovered");
+        assert!(f.degraded(&head).is_empty());
+        // Back to the computation of a farm with no monitor input.
+        let mut g = farm("");
+        up(&mut g, &["n1", "n2", "n3", "n4"]);
+        assert_eq!(f.routes("www").unwrap(), g.routes("www").unwrap());
+        assert!(
+            f.set_degraded(&head, "check:tcp:80", None).is_empty(),
+            "not degraded"
+        );
     }
 
     #[test]

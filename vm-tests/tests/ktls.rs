@@ -288,9 +288,12 @@ fn link_round_trip() {
                 .zip(expected.iter().chain(expected.iter()))
                 .position(|(a, b)| a != b);
             assert_eq!(first_bad, None, "received bytes differ");
-            conn.send(Msg::Heartbeat(pb::Heartbeat { unix_ms: -1 }))
-                .await
-                .unwrap();
+            conn.send(Msg::Heartbeat(pb::Heartbeat {
+                unix_ms: -1,
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
             // The client shuts down: close_notify on TLS, FIN on plain TCP.
             let end = conn.recv().await;
             assert!(matches!(end, Err(NetError::Closed)), "{end:?}");
@@ -305,9 +308,12 @@ fn link_round_trip() {
         let stats = conn.link_stats().unwrap().clone();
         assert_eq!(stats.path.as_str(), want, "{stats:?}");
         for i in 0..100 {
-            conn.send(Msg::Heartbeat(pb::Heartbeat { unix_ms: i }))
-                .await
-                .unwrap();
+            conn.send(Msg::Heartbeat(pb::Heartbeat {
+                unix_ms: i,
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
         }
         for chunk in payload.chunks(256 * 1024) {
             conn.send_data(7, chunk, 0).await.unwrap();

@@ -72,6 +72,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Server monitoring (on the master): each node's newest sample (CPU, memory,
+    /// load, disk of each content root, sessions), thresholds, checks, why it is
+    /// routed around, and a summary of its sample history.
+    Health {
+        /// One node (default: every monitored node).
+        node: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The route table of a content set (on the master): who sends to whom.
     Routes {
         /// Content set (optional when there is only one).
@@ -330,7 +339,108 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = call(&cli.socket, Request::Events { limit })?;
             print_json_or(&v, json, render_events)
         }
+        Cmd::Health { node, json } => {
+            let v = call(&cli.socket, Request::Health { node })?;
+            print_json_or(&v, json, render_health)
+        }
     }
+}
+
+/// `cdctl health`: one block per node.
+fn render_health(v: &serde_json::Value) -> String {
+    let num = |x: &serde_json::Value, digits: usize| match x.as_f64() {
+        Some(f) => format!("{f:.digits$}"),
+        None => "-".into(),
+    };
+    let pct = |x: &serde_json::Value| match x.as_f64() {
+        Some(f) => format!("{:.0}%", f * 100.0),
+        None => "-".into(),
+    };
+    let mut s = format!(
+        "monitor: every {} ms, service ports {}, icmp {}\n",
+        v["interval_ms"],
+        v["service_ports"],
+        v["icmp"].as_bool().unwrap_or(false)
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let degraded = n["degraded"].as_object().filter(|d| !d.is_empty());
+        s += &format!(
+            "{} (group {}): {}\n",
+            n["node"].as_str().unwrap_or("?"),
+            n["group"].as_str().unwrap_or("?"),
+            match degraded {
+                Some(d) => format!(
+                    "DEGRADED, routed around: {}",
+                    d.iter()
+                        .map(|(c, why)| format!("{c} ({})", why.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                None => "ok".into(),
+            }
+        );
+        let x = &n["sample"];
+        if x.is_null() {
+            s += "  no sample yet\n";
+        } else {
+            s += &format!(
+                "  load {} {} {}  cpu {}  memory {}  sessions {}  ({} ms ago)\n",
+                num(&x["load1"], 2),
+                num(&x["load5"], 2),
+                num(&x["load15"], 2),
+                pct(&x["cpu_busy_ratio"]),
+                pct(&x["memory_used_ratio"]),
+                num(&x["sessions"], 0),
+                x["age_ms"]
+            );
+            for d in x["disks"].as_array().into_iter().flatten() {
+                s += &format!(
+                    "  disk {}: {} used, {} MiB free\n",
+                    d["content_set"].as_str().unwrap_or("?"),
+                    pct(&d["used_ratio"]),
+                    d["available_bytes"].as_u64().unwrap_or(0) >> 20
+                );
+            }
+            for u in x["unavailable"].as_array().into_iter().flatten() {
+                s += &format!("  unavailable: {}\n", u.as_str().unwrap_or(""));
+            }
+        }
+        for t in n["thresholds"].as_array().into_iter().flatten() {
+            s += &format!(
+                "  threshold {} > {} (clear < {}, {}): {} (now {})\n",
+                t["metric"].as_str().unwrap_or("?"),
+                t["above"],
+                t["clear_below"],
+                t["action"].as_str().unwrap_or("?"),
+                if t["firing"] == true { "FIRING" } else { "ok" },
+                num(&t["value"], 2)
+            );
+        }
+        for c in n["checks"].as_array().into_iter().flatten() {
+            s += &format!(
+                "  check {}: {} {}\n",
+                c["check"].as_str().unwrap_or("?"),
+                if c["ok"] == true { "ok" } else { "FAILING" },
+                if c["ok"] == true {
+                    ""
+                } else {
+                    c["detail"].as_str().unwrap_or("")
+                }
+            );
+        }
+        let h = &n["history"];
+        if !h.is_null() {
+            s += &format!(
+                "  history: {} samples, load1 mean {} max {}, cpu max {}, disk max {}\n",
+                h["samples"],
+                num(&h["load1"]["mean"], 2),
+                num(&h["load1"]["max"], 2),
+                pct(&h["cpu_busy_ratio"]["max"]),
+                pct(&h["disk_used_ratio"]["max"])
+            );
+        }
+    }
+    s.trim_end().to_owned()
 }
 
 fn render_events(v: &serde_json::Value) -> String {

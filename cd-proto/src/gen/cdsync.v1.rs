@@ -222,6 +222,20 @@ pub struct Register {
 pub struct Assignment {
     #[prost(message, repeated, tag = "1")]
     pub content_sets: ::prost::alloc::vec::Vec<ContentSetAssignment>,
+    /// What the node's monitor samples and how often (`\[master.monitor\]`). Absent (an
+    /// older master): the node heartbeats without samples.
+    #[prost(message, optional, tag = "2")]
+    pub monitor: ::core::option::Option<MonitorSettings>,
+}
+/// The server monitor's settings, decided by the master for each node.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MonitorSettings {
+    /// How often the node samples and sends a sample in its heartbeat.
+    #[prost(uint32, tag = "1")]
+    pub interval_ms: u32,
+    /// The service ports whose established TCP connections count as sessions.
+    #[prost(uint32, repeated, tag = "2")]
+    pub service_ports: ::prost::alloc::vec::Vec<u32>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ContentSetAssignment {
@@ -457,10 +471,50 @@ pub struct PlannedFile {
     #[prost(bool, tag = "3")]
     pub delta: bool,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Heartbeat {
     #[prost(int64, tag = "1")]
     pub unix_ms: i64,
+    /// The monitor's newest sample, when one is due (every MonitorSettings.interval_ms).
+    #[prost(message, optional, tag = "2")]
+    pub sample: ::core::option::Option<MonitorSample>,
+}
+/// One reading of a node's server monitor. Ratios are 0..=1; a value the node could
+/// not read is absent from `unavailable` and named there with why.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct MonitorSample {
+    /// Busy share of all CPUs since the previous sample (/proc/stat); the first sample
+    /// of a session has none (see `unavailable`).
+    #[prost(double, tag = "1")]
+    pub cpu_busy_ratio: f64,
+    /// 1 - MemAvailable / MemTotal (/proc/meminfo).
+    #[prost(double, tag = "2")]
+    pub memory_used_ratio: f64,
+    #[prost(double, tag = "3")]
+    pub load1: f64,
+    #[prost(double, tag = "4")]
+    pub load5: f64,
+    #[prost(double, tag = "5")]
+    pub load15: f64,
+    #[prost(message, repeated, tag = "6")]
+    pub disks: ::prost::alloc::vec::Vec<DiskSample>,
+    /// Established TCP connections (IPv4 and IPv6) whose local port is a service port.
+    #[prost(uint64, tag = "7")]
+    pub sessions: u64,
+    /// Metrics that could not be read this time, each `metric: reason`.
+    #[prost(string, repeated, tag = "8")]
+    pub unavailable: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// The file system of one content root (statvfs).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DiskSample {
+    #[prost(string, tag = "1")]
+    pub content_set: ::prost::alloc::string::String,
+    /// 1 - available / total blocks, as an unprivileged writer sees them.
+    #[prost(double, tag = "2")]
+    pub used_ratio: f64,
+    #[prost(uint64, tag = "3")]
+    pub available_bytes: u64,
 }
 /// Transfer: source -> replica.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
