@@ -157,8 +157,12 @@ impl Sampler {
         let mut unavailable = Vec::new();
         match self.read("stat").and_then(|t| parse_stat(&t)) {
             Ok(now) => {
-                match self.prev_cpu.and_then(|p| cpu_busy_ratio(p, now)) {
-                    Some(r) => s.cpu_busy_ratio = r,
+                match self.prev_cpu.map(|p| cpu_busy_ratio(p, now)) {
+                    Some(Some(r)) => s.cpu_busy_ratio = r,
+                    Some(None) => unavailable.push(unavailable_entry(
+                        "cpu_busy_ratio",
+                        "the CPU counters did not advance since the last reading".into(),
+                    )),
                     None => unavailable.push(unavailable_entry(
                         "cpu_busy_ratio",
                         "no earlier reading to compare with yet".into(),

@@ -362,6 +362,36 @@ fn bad_config_exits_64() {
             "rename",
         ),
         bad(
+            "threshold metric unknown",
+            master.replace(
+                "\n[[master.content_sets]]",
+                "[[master.monitor.thresholds]]\nmetric = \"load_avg\"\nabove = 8.0\n\
+                 clear_below = 6.0\n[[master.content_sets]]",
+            ),
+            "\"load_avg\"",
+            "unknown metric `load_avg`",
+        ),
+        bad(
+            "threshold clear_below not below above",
+            master.replace(
+                "\n[[master.content_sets]]",
+                "[[master.monitor.thresholds]]\nmetric = \"load1\"\nabove = 8.0\n\
+                 clear_below = 9.0\n[[master.content_sets]]",
+            ),
+            "9.0",
+            "clear_below 9 must be below above = 8",
+        ),
+        bad(
+            "threshold group unknown",
+            master.replace(
+                "\n[[master.content_sets]]",
+                "[[master.monitor.thresholds]]\ngroup = \"dbs\"\nmetric = \"load1\"\n\
+                 above = 8.0\nclear_below = 6.0\n[[master.content_sets]]",
+            ),
+            "\"dbs\"",
+            "unknown group `dbs`",
+        ),
+        bad(
             "content root missing",
             node.replace(
                 &format!("root = \"{}\"", root.display()),
@@ -2065,4 +2095,274 @@ fn a_target_gets_only_its_data_kinds() {
     assert_eq!(fs::read(img.join("img/a/x.jpg")).unwrap(), noise(5, 70_000));
     assert!(!img.join("img/a/x.html").exists() && !img.join("index.html").exists());
     assert!(own.exists(), "the image server's own file was removed");
+}
+
+/// The master's job-log events (`cdctl events`), newest first.
+fn logged_events(c: &Cluster) -> Vec<Value> {
+    let (code, v) = c
+        .cdctl_json(
+            MASTER,
+            &["events", "--limit", "1000", "--json"],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until the job log holds an event of `kind` about `node` whose detail
+/// contains `detail`; returns it.
+fn wait_event(c: &Cluster, kind: &str, node: &str, detail: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ev = logged_events(c);
+        if let Some(e) = ev.iter().find(|e| {
+            e["kind"] == kind
+                && e["node"] == node
+                && e["detail"].as_str().is_some_and(|d| d.contains(detail))
+        }) {
+            return e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{kind}` event of {node} with `{detail}`: {ev:#?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes `text` to `path` whole (a reader never sees half of it).
+fn write_whole(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// The server monitor feeds routing: node2 heads group `web` until its load (read by
+/// its monitor from a proc directory the test controls) crosses the group's
+/// threshold; the master then routes around it (a `degraded` event, a
+/// `ThresholdCrossed` alert), a sync still reaches everyone, and when the load falls
+/// below `clear_below` node2 heads again and the alert resolves. Then the same with
+/// the master's TCP check of a service port that stops and starts answering.
+#[test]
+fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
+    use cd_testkit::cluster::Placement;
+    use std::net::{IpAddr, Ipv4Addr, TcpListener};
+
+    let tmp = tempfile::tempdir().unwrap();
+    // node2 lives on its own loopback address, so that the port check of node2 alone
+    // can fail; the others share 127.0.0.1.
+    let node2_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let port = cd_testkit::cluster::free_port().unwrap();
+    let shared = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
+    let mut node2_service = Some(TcpListener::bind((node2_ip, port)).unwrap());
+
+    // node2's monitor reads this directory: copies of this machine's proc files,
+    // with a load average the test sets.
+    let proc2 = tmp.path().join("proc2");
+    fs::create_dir_all(proc2.join("net")).unwrap();
+    for f in ["stat", "meminfo", "net/tcp", "net/tcp6"] {
+        if let Ok(text) = fs::read_to_string(Path::new("/proc").join(f)) {
+            fs::write(proc2.join(f), text).unwrap();
+        }
+    }
+    let loadavg = proc2.join("loadavg");
+    write_whole(&loadavg, "0.50 0.40 0.30 1/100 1\n");
+
+    let mut spec = ClusterSpec::new(4, tmp.path(), &cdd(), &cdctl());
+    spec.server("node1", "east", "src", 1);
+    spec.server("node2", "east", "web", 2);
+    spec.server("node3", "east", "web", 1);
+    spec.server("node4", "east", "web", 1);
+    spec.master_lines.extend([
+        "[master.monitor]".to_owned(),
+        "interval = \"500ms\"".to_owned(),
+        format!("service_ports = [{port}]"),
+        "check_timeout = \"1s\"".to_owned(),
+        "[[master.monitor.thresholds]]".to_owned(),
+        "group = \"web\"".to_owned(),
+        "metric = \"load1\"".to_owned(),
+        "above = 4.0".to_owned(),
+        "clear_below = 2.0".to_owned(),
+        "action = \"route_around\"".to_owned(),
+    ]);
+    spec.node_lines.insert(
+        "node2".into(),
+        vec![format!("monitor_proc_root = {:?}", proc2.to_str().unwrap())],
+    );
+    spec.placements.insert(
+        "node2".into(),
+        Placement {
+            ip: node2_ip,
+            launcher: Vec::new(),
+        },
+    );
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("{e:#}"));
+    let source = c.root(c.source()).unwrap();
+    generate(&source, &TreeSpec::new(60, 3)).unwrap();
+
+    let node2_heads = |r: &Value| {
+        parent_of(r, "node2").as_deref() == Some("node1")
+            && parent_of(r, "node3").as_deref() == Some("node2")
+            && parent_of(r, "node4").as_deref() == Some("node2")
+    };
+    let routed_around = |r: &Value| {
+        r["edges"].as_array().is_some_and(|e| e.len() == 3)
+            && parent_of(r, "node3").is_some_and(|p| p != "node2")
+            && parent_of(r, "node4").is_some_and(|p| p != "node2")
+            && parent_of(r, "node2").is_some()
+    };
+    wait_routes(&c, "node2 heading web", node2_heads);
+
+    // The monitor's samples reach the master: node2's load is what the test wrote.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let h = loop {
+        let (code, h) = c
+            .cdctl_json(
+                MASTER,
+                &["health", "node2", "--json"],
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert_eq!(code, 0, "{h}");
+        let n = &h["nodes"][0];
+        let port_ok = n["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["check"] == format!("tcp:{port}") && x["ok"] == true);
+        if n["sample"]["load1"] == 0.5 && port_ok && n["history"]["samples"].as_u64() > Some(0) {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "no sample of node2 yet: {h}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    let n2 = &h["nodes"][0];
+    assert_eq!(n2["node"], "node2", "{h}");
+    assert_eq!(n2["group"], "web", "{h}");
+    assert_eq!(n2["sample"]["disks"][0]["content_set"], "www", "{h}");
+    assert_eq!(n2["thresholds"][0]["firing"], false, "{h}");
+    assert!(n2["degraded"].as_object().unwrap().is_empty(), "{h}");
+
+    // 1. node2's load crosses the threshold: routed around, still receiving.
+    write_whole(&loadavg, "9.00 3.00 1.00 5/100 1\n");
+    let r = wait_routes(&c, "node2 routed around", routed_around);
+    assert!(
+        r["degraded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["node"] == "node2" && d["causes"]["threshold:load1"].is_string()),
+        "{r}"
+    );
+    wait_event(&c, "degraded", "node2", "threshold:load1");
+    wait_event(
+        &c,
+        "alert_firing",
+        "node2",
+        "ThresholdCrossed node=node2 metric=load1",
+    );
+    let r1 = sync_ok(&c);
+    for t in c.targets() {
+        let e = target_report(&r1, &t).unwrap();
+        assert_eq!(e["ok"], true, "{t}: {r1}");
+        assert_ne!(
+            e["via"], "node2",
+            "{t} got it through the loaded node2: {r1}"
+        );
+    }
+    assert_replicas_identical(&c);
+
+    // Between clear_below and above: still routed around (hysteresis).
+    write_whole(&loadavg, "3.00 3.00 1.00 5/100 1\n");
+    thread::sleep(Duration::from_secs(2));
+    let r = routes(&c);
+    assert!(routed_around(&r), "{r}");
+
+    // 2. Below clear_below: node2 heads again, the alert resolves.
+    write_whole(&loadavg, "1.00 2.00 1.00 1/100 1\n");
+    wait_routes(&c, "node2 heading web again", node2_heads);
+    wait_event(&c, "recovered", "node2", "threshold:load1 cleared");
+    wait_event(
+        &c,
+        "alert_resolved",
+        "node2",
+        "ThresholdCrossed node=node2 metric=load1",
+    );
+
+    // 3. node2's service port stops answering: the master's TCP check fails.
+    drop(node2_service.take());
+    let check = format!("tcp:{port}");
+    wait_routes(&c, "node2 routed around for its port", routed_around);
+    wait_event(&c, "degraded", "node2", &format!("check:{check}"));
+    wait_event(
+        &c,
+        "alert_firing",
+        "node2",
+        &format!("CheckFailed node=node2 check={check}"),
+    );
+    let (_, h) = c
+        .cdctl_json(MASTER, &["health", "--json"], Duration::from_secs(30))
+        .unwrap();
+    let n2 = h["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "node2")
+        .unwrap();
+    assert!(n2["degraded"][format!("check:{check}")].is_string(), "{h}");
+    // The other nodes answer on 127.0.0.1: not routed around.
+    for other in ["node3", "node4"] {
+        let n = h["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == other)
+            .unwrap();
+        assert!(n["degraded"].as_object().unwrap().is_empty(), "{h}");
+    }
+    mutate(&source, &MutateSpec::new(5, 3)).unwrap();
+    let r2 = sync_ok(&c);
+    for t in c.targets() {
+        assert_ne!(target_report(&r2, &t).unwrap()["via"], "node2", "{r2}");
+    }
+    assert_replicas_identical(&c);
+
+    // 4. It answers again: node2 heads again, the check's alert resolves.
+    let _back = TcpListener::bind((node2_ip, port)).unwrap();
+    wait_routes(&c, "node2 heading after its port answers", node2_heads);
+    wait_event(&c, "recovered", "node2", &format!("check:{check} cleared"));
+    wait_event(
+        &c,
+        "alert_resolved",
+        "node2",
+        &format!("CheckFailed node=node2 check={check}"),
+    );
+    fs::write(source.join("after-recovery.bin"), noise(7, 200_000)).unwrap();
+    let r3 = sync_ok(&c);
+    for t in ["node3", "node4"] {
+        assert_eq!(target_report(&r3, t).unwrap()["via"], "node2", "{r3}");
+    }
+    assert_replicas_identical(&c);
+
+    // The human form names the node and its load.
+    let out = run(
+        {
+            let mut cmd = Command::new(cdctl());
+            cmd.arg("--socket")
+                .arg(c.socket(MASTER).unwrap())
+                .args(["health", "node2"]);
+            cmd
+        },
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("node2 (group web): ok"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("load 1.00"), "{}", out.stdout);
+    drop(shared);
 }

@@ -418,13 +418,12 @@ fn render_health(v: &serde_json::Value) -> String {
         }
         for c in n["checks"].as_array().into_iter().flatten() {
             s += &format!(
-                "  check {}: {} {}\n",
+                "  check {}: {}\n",
                 c["check"].as_str().unwrap_or("?"),
-                if c["ok"] == true { "ok" } else { "FAILING" },
                 if c["ok"] == true {
-                    ""
+                    "ok".to_owned()
                 } else {
-                    c["detail"].as_str().unwrap_or("")
+                    format!("FAILING {}", c["detail"].as_str().unwrap_or(""))
                 }
             );
         }
