@@ -43,6 +43,37 @@ use crate::realtime::CaptureService;
 type L1 = [(&'static str, &'static str); 1];
 type L2 = [(&'static str, &'static str); 2];
 
+/// The monitor's values exported as `cd_monitor_<metric>` gauges, with their help.
+const MONITOR_GAUGES: [(crate::config::Metric, &str); 6] = {
+    use crate::config::Metric;
+    [
+        (
+            Metric::Load1,
+            "1-minute load average of this node (server monitor)",
+        ),
+        (
+            Metric::Load5,
+            "5-minute load average of this node (server monitor)",
+        ),
+        (
+            Metric::Load15,
+            "15-minute load average of this node (server monitor)",
+        ),
+        (
+            Metric::CpuBusyRatio,
+            "Busy share (0..1) of all CPUs between the last two monitor samples",
+        ),
+        (
+            Metric::MemoryUsedRatio,
+            "1 - MemAvailable/MemTotal of this node (server monitor)",
+        ),
+        (
+            Metric::Sessions,
+            "Established TCP connections on the service ports (server monitor)",
+        ),
+    ]
+};
+
 /// Upper bound of the latencies the hdrhistogram tracks (longer ones are clamped).
 const LATENCY_MAX_US: u64 = 3_600_000_000;
 
@@ -65,6 +96,11 @@ pub struct Metrics {
     queue_depth: Family<L1, Gauge>,
     master_nodes: Family<L1, Gauge>,
     node_master_connected: Gauge,
+    /// The node monitor's newest sample: `cd_monitor_<metric>` per value.
+    monitor: Vec<(crate::config::Metric, Gauge<f64, AtomicU64>)>,
+    /// The used share of each content root's file system (label: the content set,
+    /// a name from the node's config).
+    monitor_disk: Family<[(&'static str, String); 1], Gauge<f64, AtomicU64>>,
     build_info: Family<L1, Gauge>,
     /// The node's capture service, sampled at scrape time (queue depth, drops).
     capture: Mutex<Option<Weak<CaptureService>>>,
@@ -126,6 +162,11 @@ impl Metrics {
             queue_depth: Family::default(),
             master_nodes: Family::default(),
             node_master_connected: Gauge::default(),
+            monitor: MONITOR_GAUGES
+                .iter()
+                .map(|(m, _)| (*m, Gauge::default()))
+                .collect(),
+            monitor_disk: Family::default(),
             build_info,
             capture: Mutex::new(None),
             capture_lost_seen: AtomicU64::new(0),
@@ -210,6 +251,14 @@ impl Metrics {
                 "1 while this node has a session with the master",
                 self.node_master_connected.clone(),
             );
+            for ((m, g), (_, help)) in self.monitor.iter().zip(MONITOR_GAUGES) {
+                r.register(format!("cd_monitor_{}", m.as_str()), help, g.clone());
+            }
+            r.register(
+                "cd_monitor_disk_used_ratio",
+                "Used share (0..1) of each content root's file system, by content set",
+                self.monitor_disk.clone(),
+            );
         }
         if roles.master {
             for state in ["ok", "failed"] {
@@ -232,6 +281,21 @@ impl Metrics {
             );
         }
         r
+    }
+
+    /// The node's monitor took `sample`: its values become the `cd_monitor` gauges
+    /// (a value it could not read keeps its previous one).
+    pub fn record_sample(&self, sample: &pb::MonitorSample) {
+        for (m, g) in &self.monitor {
+            if let Some(v) = crate::monitor::metric_value(sample, *m) {
+                g.set(v);
+            }
+        }
+        for d in &sample.disks {
+            self.monitor_disk
+                .get_or_create(&[("content_set", d.content_set.clone())])
+                .set(d.used_ratio);
+        }
     }
 
     /// A change batch reached one replica, `took` after it was cut.
@@ -521,6 +585,17 @@ mod tests {
             }),
         );
         m.observe_latency(Duration::from_millis(5));
+        m.record_sample(&pb::MonitorSample {
+            load1: 2.5,
+            sessions: 7,
+            disks: vec![pb::DiskSample {
+                content_set: "www".into(),
+                used_ratio: 0.25,
+                available_bytes: 1,
+            }],
+            unavailable: vec!["cpu_busy_ratio: first".into()],
+            ..Default::default()
+        });
         let reg = m.registry(Roles {
             master: false,
             node: true,
@@ -534,12 +609,19 @@ mod tests {
             "cd_transfer_files_total{class=\"unclassified\"} 2",
             "cd_transfer_links_total{path=\"rustls\"} 1",
             "cd_sync_change_to_replica_latency_seconds_count 1",
+            "cd_monitor_load1 2.5",
+            "cd_monitor_sessions 7.0",
+            "cd_monitor_disk_used_ratio{content_set=\"www\"} 0.25",
             "cd_build_info{version=",
             "# EOF",
         ] {
             assert!(om.contains(want), "missing {want:?} in\n{om}");
         }
         assert!(!om.contains("cd_jobs"), "master metrics on a node:\n{om}");
+        assert!(
+            om.contains("cd_monitor_cpu_busy_ratio 0.0"),
+            "not measured yet:\n{om}"
+        );
         let text = encode(&reg, false);
         assert!(text.contains("# TYPE cd_capture_events_total counter\n"));
         assert!(text.contains("# HELP cd_capture_events_total "));

@@ -514,6 +514,7 @@ impl Node {
                         let sampler = sampler.clone();
                         let sample = tokio::task::spawn_blocking(move || sampler.lock().unwrap().sample(&ports)).await;
                         if let Ok(sample) = sample {
+                            crate::metrics::get().record_sample(&sample);
                             tx_conn.send(Msg::Heartbeat(pb::Heartbeat { unix_ms: unix_ms(), sample: Some(sample) })).await?;
                         }
                     }
