@@ -86,6 +86,18 @@ pub struct MonitorConfig {
     /// Days of samples the job log keeps (`history_days`, default 7).
     pub history_days: u32,
     pub thresholds: Vec<Threshold>,
+    /// `[master.monitor.groups.NAME] service_ports`: a group's own service ports,
+    /// instead of the farm's.
+    pub group_ports: BTreeMap<String, Vec<u16>>,
+}
+
+impl MonitorConfig {
+    /// The service ports of the servers of `group`.
+    pub fn service_ports_for(&self, group: &str) -> &[u16] {
+        self.group_ports
+            .get(group)
+            .map_or(&self.service_ports[..], |p| &p[..])
+    }
 }
 
 impl Default for MonitorConfig {
@@ -97,6 +109,7 @@ impl Default for MonitorConfig {
             check_timeout: std::time::Duration::from_secs(2),
             history_days: 7,
             thresholds: Vec::new(),
+            group_ports: BTreeMap::new(),
         }
     }
 }
@@ -380,6 +393,14 @@ struct RawMonitor {
     history_days: Option<Spanned<i64>>,
     #[serde(default)]
     thresholds: Vec<RawThreshold>,
+    #[serde(default)]
+    groups: BTreeMap<Spanned<String>, RawMonitorGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMonitorGroup {
+    service_ports: Vec<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1253,23 +1274,42 @@ fn parse_monitor(
             Duration::from_millis(10)..Duration::from_secs(61),
         )?;
     }
-    for p in raw.service_ports.iter().flatten() {
-        let port = u16::try_from(*p.get_ref())
-            .ok()
-            .filter(|&x| x != 0)
-            .ok_or_else(|| {
-                err(
+    let ports = |raw: &[Spanned<i64>]| {
+        let mut out: Vec<u16> = Vec::new();
+        for p in raw {
+            let port = u16::try_from(*p.get_ref())
+                .ok()
+                .filter(|&x| x != 0)
+                .ok_or_else(|| {
+                    err(
+                        p.span(),
+                        format!("service port {} is out of range 1..=65535", p.get_ref()),
+                    )
+                })?;
+            if out.contains(&port) {
+                return Err(err(
                     p.span(),
-                    format!("service port {} is out of range 1..=65535", p.get_ref()),
-                )
-            })?;
-        if out.service_ports.contains(&port) {
+                    format!("service port {port} is listed twice"),
+                ));
+            }
+            out.push(port);
+        }
+        Ok(out)
+    };
+    out.service_ports = ports(raw.service_ports.as_deref().unwrap_or_default())?;
+    let known_group = |g: &str| servers.iter().any(|s| s.group == g) || g == "default";
+    for (g, raw_group) in &raw.groups {
+        if !known_group(g.get_ref()) {
             return Err(err(
-                p.span(),
-                format!("service port {port} is listed twice"),
+                g.span(),
+                format!(
+                    "unknown group `{}`: no [[master.servers]] is in it",
+                    g.get_ref()
+                ),
             ));
         }
-        out.service_ports.push(port);
+        out.group_ports
+            .insert(g.get_ref().clone(), ports(&raw_group.service_ports)?);
     }
     out.icmp = raw.icmp.unwrap_or(false);
     if let Some(d) = &raw.history_days {
@@ -1297,9 +1337,7 @@ fn parse_monitor(
         let group = match &t.group {
             None => None,
             Some(g) => {
-                let known =
-                    servers.iter().any(|s| s.group == *g.get_ref()) || g.get_ref() == "default";
-                if !known {
+                if !known_group(g.get_ref()) {
                     return Err(err(
                         g.span(),
                         format!(
@@ -1759,7 +1797,8 @@ root = "/srv/www"
              check_timeout = \"1s\"\nhistory_days = 2\n\
              [[master.monitor.thresholds]]\ngroup = \"web\"\nmetric = \"load1\"\n\
              above = 8.0\nclear_below = 6.0\naction = \"route_around\"\nfor_samples = 3\n\
-             [[master.monitor.thresholds]]\nmetric = \"disk_used_ratio\"\nabove = 0.9\nclear_below = 0.85\n",
+             [[master.monitor.thresholds]]\nmetric = \"disk_used_ratio\"\nabove = 0.9\nclear_below = 0.85\n\
+             [master.monitor.groups.web]\nservice_ports = [8080]\n",
         ))
         .unwrap();
         let m = c.master.unwrap().monitor;
@@ -1768,6 +1807,8 @@ root = "/srv/www"
         assert!(m.icmp);
         assert_eq!(m.check_timeout, std::time::Duration::from_secs(1));
         assert_eq!(m.history_days, 2);
+        assert_eq!(m.service_ports_for("web"), [8080]);
+        assert_eq!(m.service_ports_for("default"), [80, 443]);
         assert_eq!(
             m.thresholds,
             [
@@ -1859,6 +1900,16 @@ root = "/srv/www"
             ),
             ("service_ports = [80, 80]".to_owned(), "80]", "listed twice"),
             ("pings = true".to_owned(), "pings", "unknown field"),
+            (
+                "[master.monitor.groups.db]\nservice_ports = [80]".to_owned(),
+                "db",
+                "unknown group `db`",
+            ),
+            (
+                "[master.monitor.groups.web]\nservice_ports = [0]".to_owned(),
+                "0",
+                "out of range 1..=65535",
+            ),
         ];
         for (body, at, why) in cases {
             let text = with_monitor(&body);

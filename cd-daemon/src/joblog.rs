@@ -376,10 +376,10 @@ impl JobLog {
         });
     }
 
-    /// Records a monitor sample `node` sent at `unix_ms`.
-    pub fn sample(&self, node: &str, unix_ms: i64, sample: &pb::MonitorSample) {
+    /// Records a monitor sample of `node` received at `at_ms` (Unix milliseconds).
+    pub fn sample(&self, node: &str, at_ms: i64, sample: &pb::MonitorSample) {
         self.send(Op::Sample {
-            at_ms: if unix_ms > 0 { unix_ms } else { now_ms() },
+            at_ms,
             node: node.to_owned(),
             sample: Box::new(sample.clone()),
         });

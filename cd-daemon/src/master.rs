@@ -263,7 +263,7 @@ impl Master {
                 service_ports: self
                     .cfg
                     .monitor
-                    .service_ports
+                    .service_ports_for(&group_of(&st.farm, node))
                     .iter()
                     .map(|&p| u32::from(p))
                     .collect(),
@@ -393,7 +393,8 @@ impl Master {
 
     /// A heartbeat with a monitor sample from `node`.
     fn monitor_sample(&self, node: &str, unix_ms: i64, sample: pb::MonitorSample) {
-        self.joblog.sample(node, unix_ms, &sample);
+        // The master's clock orders the history (nodes' clocks may differ).
+        self.joblog.sample(node, crate::joblog::now_ms(), &sample);
         let routed = {
             let mut st = self.state.lock().unwrap();
             let changes = st.health.sample(node, unix_ms, sample, Instant::now());
@@ -421,19 +422,20 @@ impl Master {
             if routed {
                 self.push_assignments();
             }
-            let hosts: Vec<(String, std::net::IpAddr)> = {
+            let hosts: Vec<(String, std::net::IpAddr, Vec<u16>)> = {
                 let st = self.state.lock().unwrap();
                 st.sessions
                     .iter()
                     .filter_map(|(n, s)| {
                         let ip = s.data_addr.parse::<SocketAddr>().ok()?.ip();
-                        Some((n.clone(), ip))
+                        let ports = mcfg.service_ports_for(&group_of(&st.farm, n)).to_vec();
+                        Some((n.clone(), ip, ports))
                     })
                     .collect()
             };
             let mut checks = tokio::task::JoinSet::new();
-            for (node, ip) in &hosts {
-                for &port in &mcfg.service_ports {
+            for (node, ip, ports) in &hosts {
+                for &port in ports {
                     let (node, ip, timeout) = (node.clone(), *ip, mcfg.check_timeout);
                     checks.spawn(async move {
                         let r = match tokio::time::timeout(
@@ -508,16 +510,17 @@ impl Master {
             {
                 bail!("no node `{n}` in the farm");
             }
-            let nodes = st.health.json(node, Instant::now());
+            let mut nodes = st.health.json(node, Instant::now());
+            for v in &mut nodes {
+                let name = v["node"].as_str().unwrap_or_default();
+                v["degraded"] = serde_json::json!(st.farm.degraded(name));
+            }
             let monitored: Vec<String> = st.health.nodes().map(str::to_owned).collect();
             (nodes, monitored)
         };
         let history = self.joblog.sample_summary(node.map(str::to_owned)).await?;
         for v in &mut nodes {
             let name = v["node"].as_str().unwrap_or_default().to_owned();
-            let st = self.state.lock().unwrap();
-            v["degraded"] = serde_json::json!(st.farm.degraded(&name));
-            drop(st);
             v["history"] = history
                 .get(&name)
                 .cloned()
@@ -527,6 +530,7 @@ impl Master {
         Ok(serde_json::json!({
             "interval_ms": mc.interval.as_millis() as u64,
             "service_ports": mc.service_ports,
+            "group_service_ports": mc.group_ports,
             "icmp": mc.icmp,
             "history_days": mc.history_days,
             "monitored": monitored,
@@ -809,10 +813,7 @@ impl Master {
         self.farm_update(|f| f.connected(&name, &reg.progress, Instant::now()));
         {
             let mut st = self.state.lock().unwrap();
-            let topo = st.farm.topology();
-            let group = topo
-                .id(&name)
-                .map_or("default".to_owned(), |i| topo.server(i).group().to_owned());
+            let group = group_of(&st.farm, &name);
             st.health.connected(&name, &group, Instant::now());
         }
         self.push_assignments();
@@ -886,6 +887,13 @@ fn alert_of(e: &FarmEvent) -> Option<Alert> {
         "node_up" => Some(down("").resolved(format!("back: {}", e.detail))),
         _ => None,
     }
+}
+
+/// The group of `node` in the farm (`default` for a server it does not list).
+fn group_of(farm: &Farm, node: &str) -> String {
+    let topo = farm.topology();
+    topo.id(node)
+        .map_or("default".to_owned(), |i| topo.server(i).group().to_owned())
 }
 
 fn threshold_action(a: crate::config::ThresholdAction) -> &'static str {
