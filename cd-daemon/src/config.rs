@@ -1392,6 +1392,24 @@ fn parse_monitor(
                 ));
             }
         };
+        // One threshold per metric and group: they share the alert's key and the
+        // routing cause, so a second one's clearing would clear the first's.
+        if out
+            .thresholds
+            .iter()
+            .any(|x| x.metric == metric && x.group == group)
+        {
+            return Err(err(
+                t.metric.span(),
+                format!(
+                    "a second {} threshold for {}: one per metric and group",
+                    metric.as_str(),
+                    group
+                        .as_deref()
+                        .map_or("the whole farm".to_owned(), |g| format!("group `{g}`"))
+                ),
+            ));
+        }
         out.thresholds.push(Threshold {
             group,
             metric,
@@ -1886,6 +1904,15 @@ root = "/srv/www"
                 thr("metric = \"load1\"\nabove = 8.0"),
                 "",
                 "missing field `clear_below`",
+            ),
+            (
+                format!(
+                    "{}\n{}",
+                    thr("group = \"web\"\nmetric = \"load1\"\nabove = 8.0\nclear_below = 6.0"),
+                    thr("group = \"web\"\nmetric = \"load1\"\nabove = 9.0\nclear_below = 7.0")
+                ),
+                "\"load1\"\nabove = 9.0",
+                "a second load1 threshold for group `web`",
             ),
             (
                 "interval = \"10\"".to_owned(),
