@@ -2138,6 +2138,48 @@ fn write_whole(path: &Path, text: &str) {
     fs::rename(&tmp, path).unwrap();
 }
 
+/// A stand-in for a node's service: a listener that accepts (and drops) every
+/// connection until it is dropped, which closes the port. It must accept: a listener
+/// that never does fills its backlog with the master's checks and then stops
+/// answering, which is a hung service, not a healthy one.
+struct Service {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Service {
+    fn start(addr: (std::net::IpAddr, u16)) -> Service {
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("service {addr:?}: accept: {e}"),
+                }
+            }
+        });
+        Service {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The server monitor feeds routing: node2 heads group `web` until its load (read by
 /// its monitor from a proc directory the test controls) crosses the group's
 /// threshold; the master then routes around it (a `degraded` event, a
@@ -2147,15 +2189,15 @@ fn write_whole(path: &Path, text: &str) {
 #[test]
 fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
     use cd_testkit::cluster::Placement;
-    use std::net::{IpAddr, Ipv4Addr, TcpListener};
+    use std::net::{IpAddr, Ipv4Addr};
 
     let tmp = tempfile::tempdir().unwrap();
     // node2 lives on its own loopback address, so that the port check of node2 alone
     // can fail; the others share 127.0.0.1.
     let node2_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
     let port = cd_testkit::cluster::free_port().unwrap();
-    let shared = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
-    let mut node2_service = Some(TcpListener::bind((node2_ip, port)).unwrap());
+    let shared = Service::start((IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    let mut node2_service = Some(Service::start((node2_ip, port)));
 
     // node2's monitor reads this directory: copies of this machine's proc files,
     // with a load average the test sets.
@@ -2340,7 +2382,7 @@ fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
     assert_replicas_identical(&c);
 
     // 4. It answers again: node2 heads again, the check's alert resolves.
-    let _back = TcpListener::bind((node2_ip, port)).unwrap();
+    let _back = Service::start((node2_ip, port));
     wait_routes(&c, "node2 heading after its port answers", node2_heads);
     wait_event(&c, "recovered", "node2", &format!("check:{check} cleared"));
     wait_event(
