@@ -173,8 +173,8 @@ impl Master {
         let nodes: Vec<serde_json::Value> = names
             .into_iter()
             .map(|n| match st.sessions.get(n) {
-                Some(s) => serde_json::json!({"name": n, "connected": true, "data_addr": s.data_addr, "connected_unix": s.connected_unix}),
-                None => serde_json::json!({"name": n, "connected": false, "data_addr": null}),
+                Some(s) => serde_json::json!({"name": n, "connected": true, "data_addr": s.data_addr, "connected_unix": s.connected_unix, "degraded": st.farm.degraded(n)}),
+                None => serde_json::json!({"name": n, "connected": false, "data_addr": null, "degraded": st.farm.degraded(n)}),
             })
             .collect();
         let sets: Vec<serde_json::Value> = self

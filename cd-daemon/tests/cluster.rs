@@ -2309,6 +2309,19 @@ fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
         "{r}"
     );
     wait_event(&c, "degraded", "node2", "threshold:load1");
+    // `cdctl status` shows why, node by node.
+    let st = c.status(MASTER).unwrap();
+    let degraded_of = |name: &str| {
+        st["master"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["degraded"].clone())
+            .unwrap()
+    };
+    assert!(degraded_of("node2")["threshold:load1"].is_string(), "{st}");
+    assert_eq!(degraded_of("node3"), serde_json::json!({}), "{st}");
     wait_event(
         &c,
         "alert_firing",

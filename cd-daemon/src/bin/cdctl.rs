@@ -553,15 +553,27 @@ fn render_status(v: &serde_json::Value) -> String {
             m["listen"].as_str().unwrap_or("?")
         );
         for n in m["nodes"].as_array().into_iter().flatten() {
+            // Health: `ok`, or the causes the monitor routes it around for.
+            let health = match n["degraded"].as_object() {
+                Some(d) if !d.is_empty() => {
+                    format!(
+                        "DEGRADED ({})",
+                        d.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                }
+                _ if n["connected"].as_bool() == Some(true) => "ok".to_owned(),
+                _ => "-".to_owned(),
+            };
             s += &format!(
-                "  node {:<16} {:<12} {}\n",
+                "  node {:<16} {:<12} {:<22} {}\n",
                 n["name"].as_str().unwrap_or("?"),
                 if n["connected"].as_bool() == Some(true) {
                     "connected"
                 } else {
                     "DISCONNECTED"
                 },
-                n["data_addr"].as_str().unwrap_or("-")
+                n["data_addr"].as_str().unwrap_or("-"),
+                health
             );
         }
         for c in m["content_sets"].as_array().into_iter().flatten() {
