@@ -313,3 +313,120 @@ fn file_end(file_id: u32, entry: &Entry, size: u64, hash: Hash) -> pb::FileEnd {
         mtime_nsec: entry.meta.mtime_nsec,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn body() -> OutBody {
+        OutBody::Incremental {
+            base_seq: 1,
+            changes: Arc::new(Vec::new()),
+        }
+    }
+
+    const A: Hash = [1; 32];
+    const B: Hash = [2; 32];
+
+    /// Lets every spawned task run until it waits (current-thread runtime).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn fetched_content_is_ready_when_staged_held_content_after_the_apply() {
+        let (tap, up) = channel();
+        let waiting_body = tokio::spawn({
+            let up = up.clone();
+            async move { up.body().await.is_some() }
+        });
+        settle().await;
+        assert!(!waiting_body.is_finished(), "a body before the plan");
+        tap.planned(&body(), [A]);
+        assert!(waiting_body.await.unwrap());
+        assert!(up.cut_through(&A) && !up.cut_through(&B));
+
+        let staged = tokio::spawn({
+            let up = up.clone();
+            async move { up.ready(&A).await.unwrap() }
+        });
+        let held = tokio::spawn({
+            let up = up.clone();
+            async move { up.ready(&B).await.unwrap() }
+        });
+        let done = tokio::spawn({
+            let up = up.clone();
+            async move { up.finished().await.is_ok() }
+        });
+        settle().await;
+        assert!(!staged.is_finished() && !held.is_finished() && !done.is_finished());
+        tap.staged(A, PathBuf::from("/stage/in-1"));
+        assert_eq!(
+            staged.await.unwrap(),
+            Ready::Staged(PathBuf::from("/stage/in-1"))
+        );
+        // B is not fetched: only the relay's apply makes it readable, from the root.
+        tap.staged(B, PathBuf::from("/stage/in-2"));
+        settle().await;
+        assert!(!held.is_finished() && !done.is_finished());
+        tap.end(true);
+        assert_eq!(held.await.unwrap(), Ready::Root);
+        assert!(done.await.unwrap());
+        // Once over, staged content is still offered (the sender falls back to the
+        // root if its stage file is gone).
+        assert_eq!(
+            up.ready(&A).await.unwrap(),
+            Ready::Staged(PathBuf::from("/stage/in-1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_receive_fails_every_waiter_even_with_content_staged() {
+        let (tap, up) = channel();
+        tap.planned(&body(), [A, B]);
+        tap.staged(A, PathBuf::from("/stage/in-1"));
+        let waiting = tokio::spawn({
+            let up = up.clone();
+            async move { up.ready(&B).await }
+        });
+        settle().await;
+        assert!(!waiting.is_finished());
+        tap.end(false);
+        tap.end(true); // only the first end counts
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(TransferError::Refused(_))
+        ));
+        assert!(matches!(up.ready(&A).await, Err(TransferError::Refused(_))));
+        assert!(up.finished().await.is_err());
+        assert!(up.body().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_tap_is_a_failed_receive() {
+        let (tap, up) = channel();
+        tap.planned(&body(), [A]);
+        let waiting = tokio::spawn({
+            let up = up.clone();
+            async move { up.finished().await }
+        });
+        settle().await;
+        drop(tap);
+        assert!(waiting.await.unwrap().is_err());
+        assert!(up.ready(&A).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_receive_that_ends_without_a_plan_forwards_nothing() {
+        // The relay asked its parent for the whole tree (or refused a stale change
+        // set): it completed, with nothing to pass on.
+        let (tap, up) = channel();
+        tap.end(true);
+        assert!(up.body().await.is_none());
+        assert!(up.finished().await.is_ok());
+    }
+}

@@ -26,12 +26,6 @@
 //! ends it without sending any file and the replica answers with its plan, applying
 //! nothing.
 //!
-//! A relay runs the source side towards its children while its own replica side is
-//! still receiving ([`relay`](crate::relay), cut-through): [`Outgoing::upstream`]
-//! makes [`send`] take each file from the relay's stage as soon as
-//! [`ReceiveContext::tap`] published it verified, and hold `TransferEnd` until the
-//! relay's own transfer completed.
-//!
 //! On a relay both sides run at once (cut-through, [`relay`](crate::relay)): its
 //! [`receive`] publishes the plan and each verified staged content through
 //! [`ReceiveContext::tap`], and the [`send`]s to its children, given

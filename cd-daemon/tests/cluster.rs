@@ -2136,6 +2136,10 @@ fn relay_forwards_while_still_receiving() {
     let relay = c.root("node2").unwrap();
     let child = c.root("node3").unwrap();
     fs::write(source.join("index.html"), b"<p>v1</p>").unwrap();
+    // A file every replica holds; a small change to it travels as a delta, which the
+    // relay makes for its child from what it staged.
+    let mut site = noise(77, 768 * 1024);
+    fs::write(source.join("site.bin"), &site).unwrap();
     sync_ok(&c);
     assert_replicas_identical(&c);
 
@@ -2143,6 +2147,8 @@ fn relay_forwards_while_still_receiving() {
     for i in 0..FILES {
         fs::write(source.join(format!("big/f{i}.bin")), noise(i as u64, LEN)).unwrap();
     }
+    rewrite(&mut site, 300 * 1024, 8 * 1024, 78);
+    fs::write(source.join("site.bin"), &site).unwrap();
     let mut job = c.sync_background().unwrap();
     let seen = wait_for_complete_stage(&child.join(".cdsync/stage"), LEN as u64, &mut job);
     // Read after the child's stage: if the relay still lacks the files now, it had
@@ -2172,7 +2178,13 @@ fn relay_forwards_while_still_receiving() {
     );
     assert_eq!(
         counter(t, "files_sent").unwrap(),
-        FILES as u64,
+        FILES as u64 + 1,
+        "{}",
+        out.report
+    );
+    assert_eq!(counter(t, "delta_files").unwrap(), 1, "{}", out.report);
+    assert!(
+        counter(t, "patch_bytes").unwrap() < 64 * 1024,
         "{}",
         out.report
     );
