@@ -8,9 +8,10 @@
 //! relay ──▶ child: send (one task per child, [`transfer::send`] with `out.upstream`)
 //!   TransferBegin + the same body as soon as it is planned; the child's NeedList;
 //!   each needed file whose content the relay is fetching: wait until it is staged
-//!   and verified, send it from the stage file; everything else (content the relay
-//!   already held, deltas): wait until the relay applied, send it from the root;
-//!   TransferEnd only once the relay's own receive completed.
+//!   and verified, send it from the stage file (whole, or as a delta against the
+//!   child's old version); content the relay already held: wait until the relay
+//!   applied, send it from the root; TransferEnd only once the relay's own receive
+//!   completed.
 //! ```
 //!
 //! The two halves meet in a [`channel`]: the relay's receive holds the [`Tap`]
