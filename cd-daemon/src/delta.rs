@@ -164,6 +164,20 @@ impl DeltaCache {
         want: &Hash,
         policy: &DumpPolicy,
     ) -> Result<Outcome, FsError> {
+        self.patch_from(|| SendFile::open(root, path), sig, want, policy)
+            .await
+    }
+
+    /// [`patch`](Self::patch), reading the new version from whatever `open` opens
+    /// (a relay's staged content): the memo is by content, so a patch made from the
+    /// stage serves the root's readers too, and the other way round.
+    pub async fn patch_from(
+        &self,
+        open: impl FnOnce() -> Result<SendFile, FsError>,
+        sig: &Signature,
+        want: &Hash,
+        policy: &DumpPolicy,
+    ) -> Result<Outcome, FsError> {
         let key = (sig.base().hash, sig.block_len(), *want);
         let cell = {
             let mut memo = self.patches.lock().unwrap();
@@ -182,7 +196,7 @@ impl DeltaCache {
             .get_or_try_init(|| async {
                 made = true;
                 let (outcome, target_sig) =
-                    tokio::task::block_in_place(|| generate(root, path, sig, want, policy))?;
+                    tokio::task::block_in_place(|| generate(open()?, sig, want, policy))?;
                 if let Some(s) = target_sig {
                     self.remember(Arc::new(s));
                 }
@@ -217,16 +231,14 @@ impl DeltaCache {
     }
 }
 
-/// Reads the file at `path` once: generates the patch from `sig`'s base and, from the
+/// Reads the file `f` once: generates the patch from `sig`'s base and, from the
 /// same bytes, the signature of this version (for the next change).
 fn generate(
-    root: &Root,
-    path: &RelPath,
+    mut f: SendFile,
     sig: &Signature,
     want: &Hash,
     policy: &DumpPolicy,
 ) -> Result<(Outcome, Option<Signature>), FsError> {
-    let mut f = SendFile::open(root, path)?;
     let size = f.size();
     if delta::decide(policy, Some(sig.base().len), size, None) != Decision::Delta {
         return Ok((Outcome::Whole, None));
@@ -506,8 +518,13 @@ mod tests {
             size: old.len() as u64,
         };
         let sig = base_signature(&fx.root, &p("b"), base).unwrap().unwrap();
-        let (outcome, next) =
-            generate(&fx.root, &p("f"), &sig, &hash(new), &DumpPolicy::default()).unwrap();
+        let (outcome, next) = generate(
+            SendFile::open(&fx.root, &p("f")).unwrap(),
+            &sig,
+            &hash(new),
+            &DumpPolicy::default(),
+        )
+        .unwrap();
         let Outcome::Patch(g) = outcome else {
             panic!("expected a patch, got {outcome:?}")
         };
@@ -561,13 +578,25 @@ mod tests {
         let fx = fixture(&[("f", &new), ("b", &old)]);
         let sig = Signature::compute(&old).unwrap();
         let policy = DumpPolicy::default();
-        let (o, _) = generate(&fx.root, &p("f"), &sig, &hash(&new), &policy).unwrap();
+        let (o, _) = generate(
+            SendFile::open(&fx.root, &p("f")).unwrap(),
+            &sig,
+            &hash(&new),
+            &policy,
+        )
+        .unwrap();
         assert!(matches!(o, Outcome::Whole), "{o:?}");
         // The manifest promised other content: the file changed after the scan.
         let mut similar = old.clone();
         similar[10] ^= 1;
         let fx = fixture(&[("f", &similar)]);
-        let (o, _) = generate(&fx.root, &p("f"), &sig, &hash(&new), &policy).unwrap();
+        let (o, _) = generate(
+            SendFile::open(&fx.root, &p("f")).unwrap(),
+            &sig,
+            &hash(&new),
+            &policy,
+        )
+        .unwrap();
         assert!(matches!(o, Outcome::Changed), "{o:?}");
     }
 

@@ -24,6 +24,7 @@ pub mod net;
 pub mod node;
 pub mod pki;
 pub mod realtime;
+pub mod relay;
 pub mod routing;
 pub mod sendfile;
 pub mod shipped;

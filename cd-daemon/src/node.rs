@@ -10,6 +10,12 @@
 //! - Data listener: accepts transfers only from peers with a cluster certificate
 //!   whose name is the assigned source of the content set.
 //! - One job or transfer at a time per content set (a per-set lock).
+//! - Relaying: a node with children for the content set (other than the sender)
+//!   forwards while it receives ([`relay`]): its children's transfers start as soon as
+//!   its own is planned and take each file from its stage once verified; it answers
+//!   its parent after its own apply and its whole subtree, with a result per target.
+//!   A child that cannot take the change set incrementally then gets the whole tree
+//!   from this node's root. Dry runs are forwarded after the relay's own plan.
 //! - Filters: every assignment carries the content set's [`Filter`] (include/exclude
 //!   patterns, command mask). A node that cannot compile it suspends the set (no
 //!   assignment, so no job or transfer runs for it) and says so in its status. As the
@@ -42,6 +48,7 @@ use crate::link;
 use crate::net::{self, NetError};
 use crate::pki::{self, Identity};
 use crate::realtime::{self, CaptureService};
+use crate::relay;
 use crate::shipped::{self, Shipped};
 use crate::transfer::{self, OutBody, Outgoing, ReceiveContext, ReplicaState};
 
@@ -1408,6 +1415,7 @@ impl Node {
             max_rate_bytes_per_sec: a.max_rate_bytes_per_sec,
             delta: a.delta(),
             cache: self.delta_cache.clone(),
+            upstream: None,
         })
     }
 
@@ -1554,6 +1562,46 @@ impl Node {
         from: &str,
         body: OutBody,
     ) -> Vec<pb::TargetResult> {
+        self.forward_via(begin, from, body, None).await
+    }
+
+    /// A relay that forwards while it still receives (see [`relay`]): waits until its
+    /// receive planned, then forwards the body as [`forward`](Self::forward) does,
+    /// with content taken from its stage as it is verified. Nothing to forward if
+    /// the receive ended without a plan.
+    async fn forward_cut_through(
+        self: &Arc<Self>,
+        begin: &pb::TransferBegin,
+        from: &str,
+        upstream: relay::Upstream,
+    ) -> Vec<pb::TargetResult> {
+        match upstream.body().await {
+            Some(body) => self.forward_via(begin, from, body, Some(upstream)).await,
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether this node has children for `set` other than `from`: a relay.
+    fn relays(&self, set: &str, from: &str) -> bool {
+        self.sets.get(set).is_some_and(|state| {
+            state
+                .assignment
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|a| a.targets.iter().any(|t| t.name != from))
+        })
+    }
+
+    /// [`forward`](Self::forward), reading content that `upstream` is still receiving
+    /// from the stage (cut-through), or all of it from the root (`None`).
+    async fn forward_via(
+        self: &Arc<Self>,
+        begin: &pb::TransferBegin,
+        from: &str,
+        body: OutBody,
+        upstream: Option<relay::Upstream>,
+    ) -> Vec<pb::TargetResult> {
         let set = begin.content_set.as_str();
         let Some(state) = self.sets.get(set) else {
             return Vec::new();
@@ -1585,6 +1633,13 @@ impl Node {
             body,
             root,
         );
+        let out = match upstream.clone() {
+            Some(up) => Arc::new(Outgoing {
+                upstream: Some(up),
+                ..(*out).clone()
+            }),
+            None => out,
+        };
         let mut results: BTreeMap<String, pb::TargetResult> = BTreeMap::new();
         let mut whole = Vec::new();
         for (peer, r, took) in self.send_all(&out, a.targets.clone()).await {
@@ -1619,6 +1674,14 @@ impl Node {
                 Err(e) => tr.error = format!("{e:#}"),
             }
             results.insert(peer.name.clone(), tr);
+        }
+        if let Some(up) = &upstream
+            && !whole.is_empty()
+            && up.finished().await.is_err()
+        {
+            // The whole tree comes from this relay's root, which its failed transfer
+            // did not bring up to date: the next round repairs these children.
+            whole.clear();
         }
         if !whole.is_empty() {
             let mut report = pb::JobReport::default();
@@ -1748,11 +1811,41 @@ impl Node {
                 .join(format!("applied-{}", begin.content_set)),
             owner: self.owner,
             filter: state.filter(),
+            tap: None,
         };
         // Held by this transfer alone (the busy lock): take it out of the mutex so no
         // guard lives across an await; a failed transfer leaves nothing to build on.
         let mut replica = std::mem::take(&mut *state.replica.lock().unwrap());
-        let mut r = transfer::receive(&mut conn, &begin, &ctx, &mut replica).await;
+        let mut r = if !begin.dry_run && self.relays(&begin.content_set, from) {
+            // Cut-through: the children's transfers run alongside this one and take
+            // each file as soon as it is staged and verified here.
+            let (tap, upstream) = relay::channel();
+            let tap = Arc::new(tap);
+            let ctx = ReceiveContext {
+                tap: Some(tap.clone()),
+                ..ctx
+            };
+            let receiving = async {
+                let r = transfer::receive(&mut conn, &begin, &ctx, &mut replica).await;
+                tap.end(r.is_ok());
+                if r.is_ok() {
+                    // Tell the master what this node holds now, not after its subtree
+                    // (the whole state goes back below, once the forward is done).
+                    state.replica.lock().unwrap().last_applied = replica.last_applied.clone();
+                    self.report_progress();
+                }
+                r
+            };
+            let (r, subtree) =
+                tokio::join!(receiving, self.forward_cut_through(&begin, from, upstream));
+            r.map(|mut s| {
+                s.forward = None;
+                s.apply.subtree = subtree;
+                s
+            })
+        } else {
+            transfer::receive(&mut conn, &begin, &ctx, &mut replica).await
+        };
         if r.is_err() {
             replica.local = None;
         }

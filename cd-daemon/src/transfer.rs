@@ -25,6 +25,15 @@
 //! A dry run ([`dryrun`]) is the same exchange up to the need list; then the source
 //! ends it without sending any file and the replica answers with its plan, applying
 //! nothing.
+//!
+//! On a relay both sides run at once (cut-through, [`relay`](crate::relay)): its
+//! [`receive`] publishes the plan and each verified staged content through
+//! [`ReceiveContext::tap`], and the [`send`]s to its children, given
+//! [`Outgoing::upstream`], announce the same body at once, send each needed file from
+//! the relay's stage as soon as it is verified there (the rest from the root once the
+//! relay applied), and send `TransferEnd` only after the relay's own receive
+//! completed. If it failed, they fail before `TransferEnd` and the children apply
+//! nothing.
 
 pub mod dryrun;
 
@@ -83,6 +92,9 @@ pub struct Outgoing {
     pub delta: pb::DeltaMode,
     /// The source's signature cache and patch memo, shared by all its transfers.
     pub cache: Arc<DeltaCache>,
+    /// On a relay forwarding while it still receives: where content comes from
+    /// before it is in `root` ([`relay`](crate::relay)). `None`: `root` holds it all.
+    pub upstream: Option<crate::relay::Upstream>,
 }
 
 /// What a transfer carries.
@@ -243,6 +255,11 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         });
     }
     let sigs = signatures(conn, out, &policy, &checked, &mut st).await?;
+    if let Some(up) = &out.upstream {
+        // What comes through the relay's stage first, in order; then what must wait
+        // for its apply.
+        checked.sort_by_key(|c| !up.cut_through(&c.want));
+    }
 
     let started = Instant::now();
     let mut paced: u64 = 0;
@@ -254,6 +271,27 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         ..
     } in checked
     {
+        if let Some(up) = &out.upstream
+            && let crate::relay::Ready::Staged(staged) = up.ready(&want).await?
+        {
+            let sent = crate::relay::send_staged(
+                conn,
+                out,
+                &staged,
+                entry,
+                need.file_id,
+                want,
+                sigs.get(&need.file_id).map(|s| &**s),
+                &mut st,
+                started,
+                &mut paced,
+            )
+            .await?;
+            if sent {
+                continue;
+            }
+            up.finished().await?;
+        }
         if let Some(sig) = sigs.get(&need.file_id) {
             let outcome = out.cache.patch(&out.root, &path, sig, &want, &policy).await;
             match outcome {
@@ -377,6 +415,11 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
+    }
+    if let Some(up) = &out.upstream {
+        // The replica applies on TransferEnd: never before this relay's own transfer
+        // completed.
+        up.finished().await?;
     }
     conn.send(Msg::TransferEnd(pb::TransferEnd {})).await?;
     match conn.recv_msg().await? {
@@ -562,6 +605,9 @@ pub struct ReceiveContext {
     pub owner: bool,
     /// The content set's filter, as this node was assigned it.
     pub filter: Arc<Filter>,
+    /// On a relay that forwards while it receives: told the plan and each verified
+    /// staged content as they happen ([`relay`](crate::relay)).
+    pub tap: Option<Arc<crate::relay::Tap>>,
 }
 
 /// Replica-side outcome, for status and logs. The caller answers the source with
@@ -841,6 +887,11 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         forward,
         ..Default::default()
     };
+    if let (Some(tap), Some(body)) = (&ctx.tap, &stats.forward)
+        && !begin.dry_run
+    {
+        tap.planned(body, plan.fetch.iter().map(|f| f.hash));
+    }
 
     let needs: Vec<pb::Need> = plan
         .fetch
@@ -981,6 +1032,10 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                     tracing::warn!(file_id = e.file_id, error = %err, "staged content rejected");
                     stage.abort_file(e.file_id);
                     skipped += 1;
+                } else if let Some(tap) = &ctx.tap
+                    && let Some(path) = stage.staged_path(&hash)
+                {
+                    tap.staged(hash, path);
                 }
             }
             Incoming::Control(Msg::FileAbort(a)) => {

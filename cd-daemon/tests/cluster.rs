@@ -2432,3 +2432,210 @@ fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
     assert!(out.stdout.contains("load 1.00"), "{}", out.stdout);
     drop(shared);
 }
+
+/// A source, one relay and its group mate: node1 → node2 (`same_region`, paced to
+/// `rate` bytes/s) → node3 (`same_group`, unpaced).
+fn relay_chain(dir: &Path, rate: u64) -> Cluster {
+    let mut spec = ClusterSpec::new(3, dir, &cdd(), &cdctl());
+    spec.server("node1", "east", "east-src", 1);
+    spec.server("node2", "east", "east-a", 2);
+    spec.server("node3", "east", "east-a", 1);
+    spec.master_lines.extend([
+        "[master.link_classes.same_region]".to_owned(),
+        format!("max_rate_bytes_per_sec = {rate}"),
+    ]);
+    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("{e:#}"));
+    wait_routes(&c, "node3 behind node2", |r| {
+        parent_of(r, "node2").as_deref() == Some("node1")
+            && parent_of(r, "node3").as_deref() == Some("node2")
+    });
+    c
+}
+
+/// Polls until `stage` (a `.cdsync/stage` directory) holds a file of `len` bytes:
+/// a file completely received, staged for its apply. Returns whether it was seen
+/// before `sync` finished.
+fn wait_for_complete_stage(
+    stage: &Path,
+    len: u64,
+    sync: &mut cd_testkit::cluster::BackgroundSync,
+) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if files_under(stage).iter().any(|(_, l)| *l == len) {
+            return true;
+        }
+        if sync.is_finished().unwrap() {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// Files of `root` outside `.cdsync`, by relative path, with their content.
+fn content_of(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = files_under(root)
+        .into_iter()
+        .map(|(p, _)| p.strip_prefix(root).unwrap().to_path_buf())
+        .filter(|p| !p.starts_with(".cdsync"))
+        .map(|p| {
+            let data = fs::read(root.join(&p)).unwrap();
+            (p, data)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Cut-through, shown by the order of events: with the source's uplink paced, the
+/// relay's child holds a completely staged file of the change set while the relay
+/// has not applied it yet (it applies only after it received every file); a
+/// store-and-forward relay opens its child's transfer only after its own apply.
+#[test]
+fn relay_forwards_while_still_receiving() {
+    const FILES: usize = 6;
+    const LEN: usize = 512 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = relay_chain(tmp.path(), MIB as u64);
+    let source = c.root("node1").unwrap();
+    let relay = c.root("node2").unwrap();
+    let child = c.root("node3").unwrap();
+    fs::write(source.join("index.html"), b"<p>v1</p>").unwrap();
+    // A file every replica holds; a small change to it travels as a delta, which the
+    // relay makes for its child from what it staged.
+    let mut site = noise(77, 768 * 1024);
+    fs::write(source.join("site.bin"), &site).unwrap();
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+
+    fs::create_dir(source.join("big")).unwrap();
+    for i in 0..FILES {
+        fs::write(source.join(format!("big/f{i}.bin")), noise(i as u64, LEN)).unwrap();
+    }
+    rewrite(&mut site, 300 * 1024, 8 * 1024, 78);
+    fs::write(source.join("site.bin"), &site).unwrap();
+    let mut job = c.sync_background().unwrap();
+    let seen = wait_for_complete_stage(&child.join(".cdsync/stage"), LEN as u64, &mut job);
+    // Read after the child's stage: if the relay still lacks the files now, it had
+    // not finished its own transfer when the child held one of them.
+    let relay_has: Vec<bool> = (0..FILES)
+        .map(|i| relay.join(format!("big/f{i}.bin")).exists())
+        .collect();
+    let out = job.wait().unwrap();
+    assert!(
+        seen,
+        "node3 never held a staged file while the job ran: {}",
+        out.report
+    );
+    assert!(
+        relay_has.iter().all(|h| !h),
+        "node3 staged a file only after node2 applied ({relay_has:?}): the relay stored \
+         and forwarded; {}",
+        out.report
+    );
+    assert_eq!(out.exit_code, 0, "{}", out.report);
+    let t = out.target("node3").unwrap();
+    assert_eq!(
+        (t["via"].as_str(), t["ok"].as_bool()),
+        (Some("node2"), Some(true)),
+        "{}",
+        out.report
+    );
+    assert_eq!(
+        counter(t, "files_sent").unwrap(),
+        FILES as u64 + 1,
+        "{}",
+        out.report
+    );
+    assert_eq!(counter(t, "delta_files").unwrap(), 1, "{}", out.report);
+    assert!(
+        counter(t, "patch_bytes").unwrap() < 64 * 1024,
+        "{}",
+        out.report
+    );
+    assert_replicas_identical(&c);
+    for stage in [&relay, &child] {
+        assert!(
+            files_under(&stage.join(".cdsync/stage")).is_empty(),
+            "stage leftovers under {}",
+            stage.display()
+        );
+    }
+}
+
+/// The source dies while the relay is forwarding what it received so far: the
+/// relay's transfer fails, so its child's transfer is aborted and neither applies
+/// anything; the next sync converges.
+#[test]
+fn relay_upstream_cut_leaves_children_unchanged() {
+    const FILES: usize = 8;
+    const LEN: usize = 512 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = relay_chain(tmp.path(), MIB as u64);
+    let source = c.root("node1").unwrap();
+    let relay = c.root("node2").unwrap();
+    let child = c.root("node3").unwrap();
+    fs::create_dir(source.join("big")).unwrap();
+    for i in 0..FILES {
+        fs::write(
+            source.join(format!("big/f{i}.bin")),
+            noise(i as u64, LEN / 4),
+        )
+        .unwrap();
+    }
+    sync_ok(&c);
+    assert_replicas_identical(&c);
+    let before = content_of(&child);
+
+    for i in 0..FILES {
+        fs::write(
+            source.join(format!("big/f{i}.bin")),
+            noise(100 + i as u64, LEN),
+        )
+        .unwrap();
+    }
+    fs::write(source.join("new.html"), b"<p>new</p>").unwrap();
+    let mut job = c.sync_background().unwrap();
+    let child_stage = child.join(".cdsync/stage");
+    assert!(
+        wait_for_complete_stage(&child_stage, LEN as u64, &mut job),
+        "node3 never held a staged file while the job ran: {:?}",
+        job.wait().map(|o| o.report)
+    );
+    c.kill("node1", SIGKILL).unwrap();
+    // The job fails: its source is gone (`cdctl` reports no JSON then).
+    match job.wait() {
+        Ok(out) => assert_ne!(out.exit_code, 0, "{}", out.report),
+        Err(e) => assert!(format!("{e:#}").contains("disconnected"), "{e:#}"),
+    }
+
+    // The child's transfer ends (its stage goes) without applying anything.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !files_under(&child_stage).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "node3's aborted transfer never ended{}",
+            c.diagnostics()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    for (name, root) in [("node3", &child), ("node2", &relay)] {
+        let now = content_of(root);
+        let changed: Vec<_> = now
+            .iter()
+            .filter(|f| !before.contains(f))
+            .map(|f| f.0.clone())
+            .collect();
+        assert!(
+            now.len() == before.len() && changed.is_empty(),
+            "{name} applied part of a transfer whose upstream was cut: {changed:?}{}",
+            c.diagnostics()
+        );
+    }
+
+    c.restart("node1").unwrap();
+    let r = sync_ok(&c);
+    assert_eq!(target_report(&r, "node3").unwrap()["via"], "node2", "{r}");
+    assert_replicas_identical(&c);
+}

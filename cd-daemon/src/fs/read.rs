@@ -73,6 +73,31 @@ impl SendFile {
     /// installed read path.
     pub fn open_with(root: &Root, path: &RelPath, io: &FileIo) -> Result<SendFile, FsError> {
         let (fd, st) = root.open_file("open for sending", path)?;
+        SendFile::opened(fd, st, path, io)
+    }
+
+    /// Opens verified content a relay holds in its stage, at `staged` (an absolute
+    /// path inside a [`Stage`](super::Stage) directory, opened `O_NOFOLLOW`), for
+    /// sending as the file at `path`. Same checks and reads as [`open`](Self::open);
+    /// [`FsError::Io`] with `ENOENT` once the relay's apply moved it into place.
+    pub fn open_staged(staged: &std::path::Path, path: &RelPath) -> Result<SendFile, FsError> {
+        const OP: &str = "open staged content for sending";
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = sys::retry(|| rustix::fs::open(staged, flags, rustix::fs::Mode::empty()))
+            .map_err(|e| FsError::io(OP, path, e))?;
+        let st = sys::fstat(fd.as_fd()).map_err(|e| FsError::io("stat", path, e))?;
+        if st.kind() != sys::Kind::File {
+            return Err(FsError::WrongType {
+                op: OP,
+                path: path.display(),
+                expected: sys::Kind::File.name(),
+                found: st.kind().name(),
+            });
+        }
+        SendFile::opened(fd, st, path, file_io::current())
+    }
+
+    fn opened(fd: OwnedFd, st: StatInfo, path: &RelPath, io: &FileIo) -> Result<SendFile, FsError> {
         let fd = Arc::new(fd);
         let source = match io.uring() {
             Some(svc) => match svc.reader(fd.clone(), st.size) {

@@ -197,6 +197,13 @@ impl Stage {
         Ok(())
     }
 
+    /// Where content `hash` is staged, if it is (until apply takes it).
+    pub fn staged_path(&self, hash: &Hash) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        let s = self.staged.get(hash)?;
+        Some(self.path.join(std::ffi::OsStr::from_bytes(&s.name)))
+    }
+
     /// True if content with this hash is staged.
     pub fn has(&self, hash: &Hash) -> bool {
         self.staged.contains_key(hash)
