@@ -246,40 +246,14 @@ pub(crate) async fn send_staged<S: AsyncWrite + Unpin>(
             Ok(delta::Outcome::Changed) | Err(_) => return Ok(false),
         }
     }
-    let mut f = match tokio::task::block_in_place(open) {
+    let f = match tokio::task::block_in_place(open) {
         Ok(f) => f,
         Err(e) => {
             tracing::debug!(path = %path, error = %e, "stage file gone; the root will serve it");
             return Ok(false);
         }
     };
-    conn.send(Msg::FileBegin(pb::FileBegin {
-        file_id,
-        size: f.size(),
-        ..Default::default()
-    }))
-    .await?;
-    let mut failed = None;
-    loop {
-        let chunk = match tokio::task::block_in_place(|| f.next_chunk()) {
-            Ok(c) => c,
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        };
-        if chunk.is_empty() {
-            break;
-        }
-        let n = chunk.len() as u64;
-        st.wire_bytes += conn.send_data(file_id, chunk, out.zstd_level).await?;
-        *paced += n;
-        crate::transfer::pace(started, *paced, out.max_rate_bytes_per_sec).await;
-    }
-    let finished = match failed {
-        Some(e) => Err(e),
-        None => tokio::task::block_in_place(|| f.finish()),
-    };
+    let finished = crate::transfer::stream_file(conn, out, file_id, f, started, paced, st).await?;
     let reason = match finished {
         Ok(sent) if sent.hash == want => {
             conn.send(Msg::FileEnd(file_end(file_id, entry, sent.size, want)))

@@ -350,7 +350,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 crate::sendfile::ZeroCopied::Retry => continue,
             }
             let opened = tokio::task::block_in_place(|| fs::SendFile::open(&out.root, &path));
-            let mut f = match opened {
+            let f = match opened {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::info!(path = %path, error = %e, "file vanished or changed type before sending");
@@ -359,35 +359,8 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                     break;
                 }
             };
-            conn.send(Msg::FileBegin(pb::FileBegin {
-                file_id: need.file_id,
-                size: f.size(),
-                ..Default::default()
-            }))
-            .await?;
-            let mut read_err = None;
-            loop {
-                // With io_uring the chunk is the registered buffer the kernel read
-                // into: no copy on the way to the socket.
-                let chunk = match tokio::task::block_in_place(|| f.next_chunk()) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        read_err = Some(e);
-                        break;
-                    }
-                };
-                if chunk.is_empty() {
-                    break;
-                }
-                let n = chunk.len();
-                st.wire_bytes += conn.send_data(need.file_id, chunk, out.zstd_level).await?;
-                paced += n as u64;
-                pace(started, paced, out.max_rate_bytes_per_sec).await;
-            }
-            let finished = match read_err {
-                Some(e) => Err(e),
-                None => tokio::task::block_in_place(|| f.finish()),
-            };
+            let finished =
+                stream_file(conn, out, need.file_id, f, started, &mut paced, &mut st).await?;
             match finished {
                 Ok(sent) if sent.hash == want => {
                     conn.send(Msg::FileEnd(file_end(need.file_id, &sent)))
@@ -432,6 +405,42 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             msg_name(&m)
         ))),
     }
+}
+
+/// Sends one whole file: `FileBegin`, its content in paced data frames, and returns
+/// what was read (its size and hash, for `FileEnd`), or the read error that stopped it
+/// (the caller aborts the file).
+pub(crate) async fn stream_file<S: AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    out: &Outgoing,
+    file_id: u32,
+    mut f: fs::SendFile,
+    started: Instant,
+    paced: &mut u64,
+    st: &mut SendStats,
+) -> Result<Result<fs::SentFile, fs::FsError>, TransferError> {
+    conn.send(Msg::FileBegin(pb::FileBegin {
+        file_id,
+        size: f.size(),
+        ..Default::default()
+    }))
+    .await?;
+    loop {
+        // With io_uring the chunk is the registered buffer the kernel read into: no
+        // copy on the way to the socket.
+        let chunk = match tokio::task::block_in_place(|| f.next_chunk()) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        let n = chunk.len() as u64;
+        st.wire_bytes += conn.send_data(file_id, chunk, out.zstd_level).await?;
+        *paced += n;
+        pace(started, *paced, out.max_rate_bytes_per_sec).await;
+    }
+    Ok(tokio::task::block_in_place(|| f.finish()))
 }
 
 /// Tells the replica to drop file `file_id`; `retrying`: a fresh `FileBegin` follows.
