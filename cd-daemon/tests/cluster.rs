@@ -2199,17 +2199,22 @@ fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
     let shared = Service::start((IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     let mut node2_service = Some(Service::start((node2_ip, port)));
 
-    // node2's monitor reads this directory: copies of this machine's proc files,
-    // with a load average the test sets.
-    let proc2 = tmp.path().join("proc2");
-    fs::create_dir_all(proc2.join("net")).unwrap();
-    for f in ["stat", "meminfo", "net/tcp", "net/tcp6"] {
-        if let Ok(text) = fs::read_to_string(Path::new("/proc").join(f)) {
-            fs::write(proc2.join(f), text).unwrap();
+    // Each web node's monitor reads its own directory: copies of this machine's proc
+    // files, with a load average the test sets. (This machine's own load1 is no
+    // fixture: a busy CI runner passes 4.0 and would degrade node3 and node4.)
+    let fake_proc = |name: &str| {
+        let dir = tmp.path().join(format!("proc-{name}"));
+        fs::create_dir_all(dir.join("net")).unwrap();
+        for f in ["stat", "meminfo", "net/tcp", "net/tcp6"] {
+            if let Ok(text) = fs::read_to_string(Path::new("/proc").join(f)) {
+                fs::write(dir.join(f), text).unwrap();
+            }
         }
-    }
+        write_whole(&dir.join("loadavg"), "0.50 0.40 0.30 1/100 1\n");
+        dir
+    };
+    let proc2 = fake_proc("node2");
     let loadavg = proc2.join("loadavg");
-    write_whole(&loadavg, "0.50 0.40 0.30 1/100 1\n");
 
     let mut spec = ClusterSpec::new(4, tmp.path(), &cdd(), &cdctl());
     spec.server("node1", "east", "src", 1);
@@ -2218,7 +2223,8 @@ fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
     spec.server("node4", "east", "web", 1);
     spec.master_lines.extend([
         "[master.monitor]".to_owned(),
-        "interval = \"500ms\"".to_owned(),
+        // Silence fails after three intervals: 1 s leaves room for a busy runner.
+        "interval = \"1s\"".to_owned(),
         format!("service_ports = [{port}]"),
         "check_timeout = \"1s\"".to_owned(),
         // As root the master pings every node; without root it says so and does
@@ -2231,10 +2237,17 @@ fn monitor_routes_around_a_loaded_or_failing_node_and_back() {
         "clear_below = 2.0".to_owned(),
         "action = \"route_around\"".to_owned(),
     ]);
-    spec.node_lines.insert(
-        "node2".into(),
-        vec![format!("monitor_proc_root = {:?}", proc2.to_str().unwrap())],
-    );
+    for name in ["node2", "node3", "node4"] {
+        let dir = if name == "node2" {
+            proc2.clone()
+        } else {
+            fake_proc(name)
+        };
+        spec.node_lines.insert(
+            name.into(),
+            vec![format!("monitor_proc_root = {:?}", dir.to_str().unwrap())],
+        );
+    }
     spec.placements.insert(
         "node2".into(),
         Placement {
