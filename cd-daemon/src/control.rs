@@ -62,6 +62,12 @@ pub enum Request {
         #[serde(default)]
         limit: usize,
     },
+    /// The alerts firing now, the sinks, and the newest alert events of the job log
+    /// (0 = the default, 50).
+    Alerts {
+        #[serde(default)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -124,6 +124,11 @@ impl Handler for Daemon {
                 .events(limit)
                 .await
                 .map_err(|e| format!("{e:#}")),
+            Request::Alerts { limit } => self
+                .master()?
+                .alerts_json(limit)
+                .await
+                .map_err(|e| format!("{e:#}")),
         }
     }
 }

@@ -123,7 +123,8 @@ impl Master {
                 next_session: 0,
                 pending: HashMap::new(),
             }),
-            alerts: Alerts::new(joblog.clone()),
+            alerts: Alerts::start(joblog.clone(), &mcfg.alerts, &cfg.name)
+                .context("starting the alert sinks")?,
             joblog,
             timers: Mutex::new(BTreeMap::new()),
             cfg: mcfg,
