@@ -550,12 +550,20 @@ fn alerts_reach_alertmanager_smtp_and_sms_and_resolve() {
     // 3. A job fails (its source is down): JobFailed fires; the set's next good job
     // resolves it.
     c.kill("node1", libc::SIGKILL).unwrap();
-    let out = c.try_sync().unwrap();
-    assert_ne!(
-        out.exit_code, 0,
+    // The job fails before any report exists: cdctl says why and exits non-zero.
+    let out = Command::new(binary("CD_CDCTL"))
+        .arg("--socket")
+        .arg(c.socket(MASTER).unwrap())
+        .args(["sync", "www"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
         "a sync without its source fails: {}",
-        out.report
+        String::from_utf8_lossy(&out.stdout)
     );
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("is not connected"), "{why}");
     let job = [("alertname", "JobFailed"), ("content_set", "www")];
     let n = wait_for("JobFailed via Alertmanager", diag, || {
         am_notified(&rec, "firing", &job)
