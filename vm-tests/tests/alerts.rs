@@ -577,6 +577,18 @@ fn alerts_reach_alertmanager_smtp_and_sms_and_resolve() {
         firing_keys(&v).contains(&"JobFailed content_set=www".to_owned()),
         "{v}"
     );
+    // While it fires, the master re-sends it (every 5 s here): Alertmanager's endsAt
+    // for it moves on, so Alertmanager never times it out on its own.
+    let ends = |a: &Vec<Value>| {
+        a.first()
+            .and_then(|a| a["endsAt"].as_str().map(str::to_owned))
+    };
+    let first = wait_for("JobFailed active in Alertmanager", diag, || {
+        ends(&am_active(am, &job))
+    });
+    wait_for("JobFailed re-sent to Alertmanager", diag, || {
+        ends(&am_active(am, &job)).filter(|e| *e > first)
+    });
     c.restart("node1").unwrap_or_else(|e| panic!("{e:#}"));
     c.sync().unwrap_or_else(|e| panic!("{e:#}"));
     wait_for("JobFailed resolved via Alertmanager", diag, || {
