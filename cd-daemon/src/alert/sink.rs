@@ -648,6 +648,82 @@ mod tests {
         assert!(detail.contains("[FIRING] NodeDown node=node3"), "{detail}");
     }
 
+    /// STARTTLS is required by default: against a server that does not offer it, the
+    /// e-mail sink sends nothing (no envelope, no message) and records the failure.
+    #[tokio::test(flavor = "current_thread")]
+    async fn email_is_not_sent_to_a_server_without_starttls() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let joblog = Arc::new(JobLog::open(&dir.path().join("j.sqlite")).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        // A plain ESMTP server that offers no STARTTLS; it records every command.
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let s2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 plain ESMTP\r\n").await.unwrap();
+                let mut line = String::new();
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let cmd = line.trim_end().to_ascii_uppercase();
+                    s2.lock().unwrap().push(cmd.clone());
+                    let reply: &[u8] = if cmd.starts_with("EHLO") {
+                        b"250-plain\r\n250 8BITMIME\r\n"
+                    } else if cmd.starts_with("QUIT") {
+                        b"221 bye\r\n"
+                    } else {
+                        b"250 OK\r\n"
+                    };
+                    if w.write_all(reply).await.is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            }
+        });
+        let cfg = EmailConfig {
+            host: "127.0.0.1".into(),
+            port,
+            tls: SmtpTls::StartTls,
+            from: "cdsync <cdsync@test.invalid>".into(),
+            to: vec!["ops@test.invalid".into()],
+            username: None,
+            password_file: None,
+            ca_file: None,
+            max_per_minute: 10,
+        };
+        let sink = Sink {
+            name: format!("email 127.0.0.1:{port}"),
+            target: email_target(&cfg, "master").unwrap(),
+            limiter: Limiter::new(10),
+            joblog: joblog.clone(),
+            retry: {
+                const SHORT: [Duration; 1] = [Duration::from_millis(5)];
+                &SHORT
+            },
+        };
+        sink.deliver(&batch(vec![(down(), 1)], false)).await;
+        let ev = joblog.events_of_kind("alert_", 10).await.unwrap();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0]["kind"], "alert_delivery_failed");
+        let detail = ev[0]["detail"].as_str().unwrap();
+        assert!(detail.contains("gave up after 2 attempts"), "{detail}");
+        let seen = seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().filter(|c| c.starts_with("EHLO MASTER")).count() == 2,
+            "it greeted the server on each attempt: {seen:?}"
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|c| c.starts_with("MAIL") || c.starts_with("RCPT") || c.starts_with("DATA")),
+            "nothing was sent in clear text: {seen:?}"
+        );
+    }
+
     #[test]
     fn email_and_sms_texts_say_state_node_summary_and_labels() {
         let (subject, body) = email_text(&batch(vec![(down(), 1)], false), "master");

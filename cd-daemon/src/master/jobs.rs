@@ -392,3 +392,40 @@ impl Master {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &str, ok: bool, error: &str) -> pb::TargetResult {
+        pb::TargetResult {
+            target: name.into(),
+            ok,
+            error: error.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_report_fails_on_its_error_or_any_failed_target() {
+        let mut r = pb::JobReport {
+            targets: vec![target("node2", true, ""), target("node3", true, "")],
+            ..Default::default()
+        };
+        assert_eq!(failure(&r), None, "every target ok");
+        r.targets.push(target("node4", false, "disk full"));
+        r.targets.push(target("node5", false, "not attempted"));
+        assert_eq!(
+            failure(&r).as_deref(),
+            Some("2 target(s) failed: node4: disk full; node5: not attempted")
+        );
+        // The job's own error is the reason, whatever the targets say.
+        r.error = "scan failed: permission denied".into();
+        assert_eq!(
+            failure(&r).as_deref(),
+            Some("scan failed: permission denied")
+        );
+        r.targets.clear();
+        assert!(failure(&r).is_some(), "an error without targets fails");
+    }
+}
