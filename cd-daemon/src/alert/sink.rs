@@ -53,6 +53,12 @@ pub struct SinkHandle {
 
 /// What a sink delivers to.
 enum Target {
+    /// Tests: what would be sent, and the re-send interval of an Alertmanager.
+    #[cfg(test)]
+    Recorder {
+        out: mpsc::UnboundedSender<Batch>,
+        resend: Option<Duration>,
+    },
     Alertmanager {
         url: HttpUrl,
         tls: Option<Arc<rustls::ClientConfig>>,
@@ -220,6 +226,8 @@ impl Sink {
         let mut firing: BTreeMap<String, Notice> = BTreeMap::new();
         let resend = match &self.target {
             Target::Alertmanager { resend, .. } => Some(*resend),
+            #[cfg(test)]
+            Target::Recorder { resend, .. } => *resend,
             _ => None,
         };
         let mut next_resend = resend.map(|r| Instant::now() + r);
@@ -365,6 +373,8 @@ impl Sink {
                 )
                 .await?;
             }
+            #[cfg(test)]
+            Target::Recorder { out, .. } => out.send(b.clone())?,
         }
         Ok(())
     }
@@ -722,6 +732,144 @@ mod tests {
                 .any(|c| c.starts_with("MAIL") || c.starts_with("RCPT") || c.starts_with("DATA")),
             "nothing was sent in clear text: {seen:?}"
         );
+    }
+
+    fn notice(node: &str, firing: bool) -> Notice {
+        let a = Alert::firing("NodeDown", Some(node), Severity::Critical, "down");
+        Notice {
+            alert: if firing { a } else { a.resolved("up") },
+            starts_at_ms: 0,
+            at_ms: 0,
+        }
+    }
+
+    fn recording_sink(
+        max: u32,
+        resend: Option<Duration>,
+    ) -> (
+        mpsc::Sender<Notice>,
+        mpsc::UnboundedReceiver<Batch>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let joblog = Arc::new(JobLog::open(&dir.path().join("j.sqlite")).unwrap());
+        let (out, rx_out) = mpsc::unbounded_channel();
+        let sink = Sink {
+            name: "recorder".into(),
+            target: Target::Recorder { out, resend },
+            limiter: Limiter::new(max),
+            joblog,
+            retry: &RETRY_DELAYS,
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(sink.run(rx));
+        (tx, rx_out, dir)
+    }
+
+    /// The next message of a recording sink; a task that never sends fails the test
+    /// (in virtual time, an hour passes at once) instead of hanging it.
+    async fn next(out: &mut mpsc::UnboundedReceiver<Batch>) -> Batch {
+        tokio::time::timeout(Duration::from_secs(3600), out.recv())
+            .await
+            .expect("nothing sent within an hour")
+            .expect("the task ended")
+    }
+
+    fn nodes_and_states(b: &Batch) -> Vec<(String, AlertState)> {
+        b.items
+            .iter()
+            .map(|f| (f.notice.alert.node.clone().unwrap(), f.notice.alert.state))
+            .collect()
+    }
+
+    /// The sink's task (virtual time): what exceeds the limit is held, not lost, and
+    /// goes out as one digest exactly when the minute allows it.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_task_holds_what_exceeds_the_limit_and_sends_one_digest_when_the_window_reopens() {
+        let (tx, mut out, _dir) = recording_sink(1, None);
+        let t0 = Instant::now();
+        tx.send(notice("a", true)).await.unwrap();
+        let first = next(&mut out).await;
+        assert!(!first.digest);
+        assert_eq!(
+            nodes_and_states(&first),
+            [("a".to_owned(), AlertState::Firing)]
+        );
+        tx.send(notice("b", true)).await.unwrap();
+        tx.send(notice("a", false)).await.unwrap();
+        tx.send(notice("b", false)).await.unwrap();
+        tx.send(notice("b", true)).await.unwrap();
+        // Nothing more within the minute of the first message.
+        let early = tokio::time::timeout_at(
+            t0 + crate::alert::limit::WINDOW - Duration::from_millis(1),
+            out.recv(),
+        )
+        .await;
+        assert!(early.is_err(), "sent within the window: {early:?}");
+        let d = next(&mut out).await;
+        assert_eq!(
+            Instant::now(),
+            t0 + crate::alert::limit::WINDOW,
+            "when the first message left the window"
+        );
+        assert!(d.digest);
+        assert_eq!(
+            nodes_and_states(&d),
+            [
+                ("b".to_owned(), AlertState::Firing),
+                ("a".to_owned(), AlertState::Resolved)
+            ]
+        );
+        assert_eq!(d.notices(), 4, "every held notice is counted in the digest");
+        drop(tx);
+        assert!(out.recv().await.is_none(), "the task ends with its queue");
+    }
+
+    /// An Alertmanager sink re-sends what fires every interval, and stops once it is
+    /// resolved.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn firing_alerts_are_re_sent_until_resolved() {
+        let resend = Duration::from_secs(5);
+        let (tx, mut out, _dir) = recording_sink(10, Some(resend));
+        let t0 = Instant::now();
+        tx.send(notice("a", true)).await.unwrap();
+        tx.send(notice("b", true)).await.unwrap();
+        assert_eq!(
+            nodes_and_states(&next(&mut out).await),
+            [("a".to_owned(), AlertState::Firing)]
+        );
+        assert_eq!(
+            nodes_and_states(&next(&mut out).await),
+            [("b".to_owned(), AlertState::Firing)]
+        );
+        let again = next(&mut out).await;
+        assert_eq!(Instant::now(), t0 + resend);
+        assert_eq!(
+            nodes_and_states(&again),
+            [
+                ("a".to_owned(), AlertState::Firing),
+                ("b".to_owned(), AlertState::Firing)
+            ]
+        );
+        tx.send(notice("a", false)).await.unwrap();
+        assert_eq!(
+            nodes_and_states(&next(&mut out).await),
+            [("a".to_owned(), AlertState::Resolved)]
+        );
+        let again = next(&mut out).await;
+        assert_eq!(Instant::now(), t0 + 2 * resend);
+        assert_eq!(
+            nodes_and_states(&again),
+            [("b".to_owned(), AlertState::Firing)]
+        );
+        tx.send(notice("b", false)).await.unwrap();
+        assert_eq!(
+            nodes_and_states(&next(&mut out).await),
+            [("b".to_owned(), AlertState::Resolved)]
+        );
+        // Nothing fires: nothing more is sent.
+        let quiet = tokio::time::timeout(10 * resend, out.recv()).await;
+        assert!(quiet.is_err(), "{quiet:?}");
     }
 
     #[test]
