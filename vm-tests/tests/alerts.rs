@@ -518,6 +518,26 @@ fn alerts_reach_alertmanager_smtp_and_sms_and_resolve() {
     let v = cdctl_alerts(&c);
     assert_eq!(firing_keys(&v), ["NodeDown node=node3"], "{v}");
     assert_eq!(v["firing"][0]["severity"], "critical", "{v}");
+    // The same for people: what fires, where alerts go, and the history.
+    let out = Command::new(binary("CD_CDCTL"))
+        .arg("--socket")
+        .arg(c.socket(MASTER).unwrap())
+        .arg("alerts")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let am_sink = format!("sinks: alertmanager http://{am}/");
+    for want in [
+        "1 firing:\n  critical NodeDown node=node3  since ",
+        am_sink.as_str(),
+        "email 127.0.0.1:",
+        "sms http://",
+        "history (newest first):",
+        "alert_firing       node3",
+    ] {
+        assert!(text.contains(want), "{want:?} in\n{text}");
+    }
 
     // 2. node3 is back: resolved everywhere.
     c.restart("node3").unwrap_or_else(|e| panic!("{e:#}"));
