@@ -1074,7 +1074,8 @@ fn parse_alerts(
         Some(f) if !alertmanager.iter().any(|u| u.https) => {
             return Err(err(
                 f.span(),
-                "alertmanager_ca_file needs an https:// alertmanager_urls".into(),
+                "alertmanager_ca_file is for https:// Alertmanagers; alertmanager_urls has none"
+                    .into(),
             ));
         }
         Some(f) => Some(file(f, AlertFile::Ca)?),
@@ -1596,6 +1597,12 @@ max_per_minute = 2
                 "out of range",
             ),
             ("\"http://127.0.0.1:9093\"", "\"ftp://x\"", 2, "not an http"),
+            (
+                "\"https://am2.example.com/prefix/\"]",
+                "\"http://am2.example.com/\"]\nalertmanager_ca_file = \"/x.pem\"",
+                3,
+                "alertmanager_urls has none",
+            ),
             (
                 "smtp_server = \"mail.example.com\"",
                 "smtp_server = \"mail:x\"",
