@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use crate::alert::http::HttpUrl;
 pub use crate::fs::FileIoChoice;
 use cd_core::filter::{CommandMask, Filter, FilterError, Pattern};
 pub use cd_core::schedule::Schedule;
@@ -67,6 +68,8 @@ pub struct MasterConfig {
     /// The server monitor: what nodes sample, what the master checks, and the
     /// thresholds that alert or route around a node (`[master.monitor]`).
     pub monitor: MonitorConfig,
+    /// Where alerts go (`[master.alerts]`); no sinks when the table is absent.
+    pub alerts: AlertsConfig,
 }
 
 /// `[master.monitor]`: see the README (Monitoring).
@@ -110,6 +113,44 @@ impl Default for MonitorConfig {
             history_days: 7,
             thresholds: Vec::new(),
             group_ports: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[master.alerts]`: the sinks alerts are delivered to. Every alert is in the job log
+/// whether or not any sink is configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertsConfig {
+    /// `max_per_minute`: messages per sink per minute (default 10); more are folded
+    /// into a digest when the minute allows. A sink's own key overrides it.
+    pub max_per_minute: u32,
+    /// `alertmanager_urls = [...]`: Alertmanager base URLs (`/api/v2/alerts` is
+    /// appended); each gets every alert.
+    pub alertmanager: Vec<HttpUrl>,
+    /// `alertmanager_resend_seconds`: how often firing alerts are re-sent (default 60;
+    /// keep it well under Alertmanager's `resolve_timeout`).
+    pub alertmanager_resend_seconds: u64,
+    /// `alertmanager_ca_file`: the CA for `https://` Alertmanagers (default: the system's).
+    pub alertmanager_ca_file: Option<PathBuf>,
+    /// `generator_url`: the `generatorURL` of every alert (default
+    /// `cdsync://<master name>/alerts`).
+    pub generator_url: Option<String>,
+    /// `[master.alerts.email]`.
+    pub email: Option<EmailConfig>,
+    /// `[master.alerts.sms]`.
+    pub sms: Option<SmsConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            max_per_minute: DEFAULT_ALERTS_PER_MINUTE,
+            alertmanager: Vec::new(),
+            alertmanager_resend_seconds: DEFAULT_ALERTMANAGER_RESEND_SECONDS,
+            alertmanager_ca_file: None,
+            generator_url: None,
+            email: None,
+            sms: None,
         }
     }
 }
@@ -185,6 +226,54 @@ pub struct Threshold {
     pub clear_below: f64,
     pub for_samples: u32,
     pub action: ThresholdAction,
+}
+
+pub const DEFAULT_ALERTS_PER_MINUTE: u32 = 10;
+pub const DEFAULT_ALERTMANAGER_RESEND_SECONDS: u64 = 60;
+
+/// How the SMTP connection is secured (`tls = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// `"starttls"` (default): plain connect, then STARTTLS, refusing a server that
+    /// does not offer it. Default port 587.
+    StartTls,
+    /// `"tls"`: TLS from the first byte (SMTPS). Default port 465.
+    Implicit,
+    /// `"none"`: clear text (a relay on loopback only). Default port 25.
+    None,
+}
+
+/// `[master.alerts.email]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailConfig {
+    /// `smtp_server = "host[:port]"`.
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    /// `from = "cdsync <cdsync@example.com>"`.
+    pub from: String,
+    /// `to = ["ops@example.com", ...]`.
+    pub to: Vec<String>,
+    /// `username` + `password_file` (both or neither; not with `tls = "none"`).
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// `ca_file`: trust only this CA (PEM) for the server's certificate instead of
+    /// the system's store.
+    pub ca_file: Option<PathBuf>,
+    pub max_per_minute: u32,
+}
+
+/// `[master.alerts.sms]`: a gateway webhook; each message is a `POST` of
+/// `{"to": [...], "text": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmsConfig {
+    pub url: HttpUrl,
+    pub to: Vec<String>,
+    /// `bearer_token_file`: sent as `Authorization: Bearer <token>`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// `ca_file` for an `https://` gateway (default: the system's store).
+    pub ca_file: Option<PathBuf>,
+    pub max_per_minute: u32,
 }
 
 /// What a link class overrides of a content set's transfer policy (`None`: keep it).
@@ -346,7 +435,15 @@ struct ResolveSpans {
     pki_dir: Range<usize>,
     roots: Vec<Range<usize>>,
     join_token_file: Option<(PathBuf, Range<usize>)>,
+    /// Files `[master.alerts]` names: checked readable (and a CA file parsed).
+    alert_files: Vec<(PathBuf, Range<usize>, AlertFile)>,
     text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AlertFile {
+    Ca,
+    Secret,
 }
 
 // ---- source (serde) -------------------------------------------------------------
@@ -381,6 +478,42 @@ struct RawMaster {
     #[serde(default)]
     servers: Vec<RawServer>,
     link_classes: Option<RawLinkClasses>,
+    alerts: Option<RawAlerts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    max_per_minute: Option<Spanned<i64>>,
+    alertmanager_urls: Option<Vec<Spanned<String>>>,
+    alertmanager_resend_seconds: Option<Spanned<i64>>,
+    alertmanager_ca_file: Option<Spanned<PathBuf>>,
+    generator_url: Option<Spanned<String>>,
+    email: Option<RawEmail>,
+    sms: Option<RawSms>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    smtp_server: Spanned<String>,
+    tls: Option<Spanned<String>>,
+    from: Spanned<String>,
+    to: Spanned<Vec<Spanned<String>>>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<PathBuf>>,
+    ca_file: Option<Spanned<PathBuf>>,
+    max_per_minute: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSms {
+    url: Spanned<String>,
+    to: Spanned<Vec<Spanned<String>>>,
+    bearer_token_file: Option<Spanned<PathBuf>>,
+    ca_file: Option<Spanned<PathBuf>>,
+    max_per_minute: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -800,6 +933,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 None => MonitorConfig::default(),
                 Some(raw) => parse_monitor(raw, &servers, &err)?,
             };
+            let alerts = match &m.alerts {
+                None => AlertsConfig::default(),
+                Some(a) => parse_alerts(a, &err, &mut spans)?,
+            };
             let mc = MasterConfig {
                 listen,
                 pki_dir,
@@ -808,6 +945,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 link_classes,
                 job_log_retention_days,
                 monitor,
+                alerts,
             };
             mc.topology()
                 .map_err(|e| err(0..0, format!("[[master.servers]]: {e}")))?;
@@ -1004,6 +1142,21 @@ impl Config {
                 }
             }
         }
+        for (p, span, kind) in &self.spans.alert_files {
+            let bytes =
+                std::fs::read(p).map_err(|e| err(span.clone(), format!("{}: {e}", p.display())))?;
+            match kind {
+                AlertFile::Ca => {
+                    crate::alert::http::tls_config(Some(&bytes))
+                        .map_err(|r| err(span.clone(), format!("{}: {r}", p.display())))?;
+                }
+                AlertFile::Secret => {
+                    if String::from_utf8_lossy(&bytes).trim().is_empty() {
+                        return Err(err(span.clone(), format!("{} is empty", p.display())));
+                    }
+                }
+            }
+        }
         if let Some(n) = &mut self.node {
             for (s, span) in n.content_sets.iter().zip(&self.spans.roots) {
                 match std::fs::symlink_metadata(&s.root) {
@@ -1046,6 +1199,212 @@ impl Config {
         }
         r
     }
+}
+
+/// `[master.alerts]`, validated; files it names are checked by [`Config::resolve`].
+fn parse_alerts(
+    a: &RawAlerts,
+    err: &ErrAt<'_>,
+    spans: &mut ResolveSpans,
+) -> Result<AlertsConfig, ConfigError> {
+    let per_minute = |v: &Option<Spanned<i64>>, default: u32| match v {
+        None => Ok(default),
+        Some(n) if (1..=10_000).contains(n.get_ref()) => Ok(*n.get_ref() as u32),
+        Some(n) => Err(err(
+            n.span(),
+            format!("max_per_minute {} is out of range 1..=10000", n.get_ref()),
+        )),
+    };
+    let mut file = |f: &Spanned<PathBuf>, kind: AlertFile| {
+        let p = absolute(f).map_err(|r| err(f.span(), r))?;
+        spans.alert_files.push((p.clone(), f.span(), kind));
+        Ok::<_, ConfigError>(p)
+    };
+    let max_per_minute = per_minute(&a.max_per_minute, DEFAULT_ALERTS_PER_MINUTE)?;
+    let mut alertmanager = Vec::new();
+    for u in a.alertmanager_urls.iter().flatten() {
+        let url = HttpUrl::parse(u.get_ref())
+            .map_err(|r| err(u.span(), format!("alertmanager_urls: {r}")))?;
+        alertmanager.push(url);
+    }
+    let alertmanager_resend_seconds = match &a.alertmanager_resend_seconds {
+        None => DEFAULT_ALERTMANAGER_RESEND_SECONDS,
+        Some(n) if (1..=3600).contains(n.get_ref()) => *n.get_ref() as u64,
+        Some(n) => {
+            return Err(err(
+                n.span(),
+                format!(
+                    "alertmanager_resend_seconds {} is out of range 1..=3600",
+                    n.get_ref()
+                ),
+            ));
+        }
+    };
+    let alertmanager_ca_file = match &a.alertmanager_ca_file {
+        Some(f) if !alertmanager.iter().any(|u| u.https) => {
+            return Err(err(
+                f.span(),
+                "alertmanager_ca_file is for https:// Alertmanagers; alertmanager_urls has none"
+                    .into(),
+            ));
+        }
+        Some(f) => Some(file(f, AlertFile::Ca)?),
+        None => None,
+    };
+    let generator_url = match &a.generator_url {
+        Some(g) if g.get_ref().is_empty() || g.get_ref().contains(char::is_whitespace) => {
+            return Err(err(
+                g.span(),
+                "generator_url must be a URL without spaces".into(),
+            ));
+        }
+        g => g.as_ref().map(|g| g.get_ref().clone()),
+    };
+    let mailboxes = |list: &Spanned<Vec<Spanned<String>>>| {
+        if list.get_ref().is_empty() {
+            return Err(err(
+                list.span(),
+                "to must name at least one recipient".into(),
+            ));
+        }
+        list.get_ref()
+            .iter()
+            .map(|t| {
+                if t.get_ref().trim().is_empty() {
+                    Err(err(t.span(), "an empty recipient".into()))
+                } else {
+                    Ok(t.get_ref().trim().to_owned())
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let email = match &a.email {
+        None => None,
+        Some(e) => {
+            let tls = match e.tls.as_ref().map(|t| (t.get_ref().as_str(), t.span())) {
+                None | Some(("starttls", _)) => SmtpTls::StartTls,
+                Some(("tls", _)) => SmtpTls::Implicit,
+                Some(("none", _)) => SmtpTls::None,
+                Some((other, span)) => {
+                    return Err(err(
+                        span,
+                        format!("tls `{other}` is not one of starttls, tls, none"),
+                    ));
+                }
+            };
+            let server = e.smtp_server.get_ref();
+            let (host, port) = match server.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') || h.ends_with(']') => (
+                    h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                        err(
+                            e.smtp_server.span(),
+                            format!("smtp_server `{server}`: bad port `{p}`"),
+                        )
+                    })?,
+                ),
+                _ => (
+                    server.clone(),
+                    match tls {
+                        SmtpTls::StartTls => 587,
+                        SmtpTls::Implicit => 465,
+                        SmtpTls::None => 25,
+                    },
+                ),
+            };
+            if host.is_empty() || host.contains(char::is_whitespace) {
+                return Err(err(
+                    e.smtp_server.span(),
+                    format!("smtp_server `{server}` is not HOST[:PORT]"),
+                ));
+            }
+            let check_mailbox = |m: &Spanned<String>, what: &str| {
+                m.get_ref()
+                    .parse::<lettre::message::Mailbox>()
+                    .map_err(|x| err(m.span(), format!("{what} `{}`: {x}", m.get_ref())))
+            };
+            check_mailbox(&e.from, "from")?;
+            let to = mailboxes(&e.to)?;
+            for t in e.to.get_ref() {
+                check_mailbox(t, "to")?;
+            }
+            let password_file = match (&e.username, &e.password_file) {
+                (Some(_), Some(f)) => Some(file(f, AlertFile::Secret)?),
+                (None, None) => None,
+                (Some(u), None) => {
+                    return Err(err(u.span(), "username needs password_file".into()));
+                }
+                (None, Some(f)) => {
+                    return Err(err(f.span(), "password_file needs username".into()));
+                }
+            };
+            if tls == SmtpTls::None {
+                if let Some(u) = &e.username {
+                    return Err(err(
+                        u.span(),
+                        "a password is never sent in clear text: set tls = \"starttls\" or \"tls\""
+                            .into(),
+                    ));
+                }
+                if let Some(c) = &e.ca_file {
+                    return Err(err(
+                        c.span(),
+                        "ca_file needs tls = \"starttls\" or \"tls\"".into(),
+                    ));
+                }
+            }
+            Some(EmailConfig {
+                host,
+                port,
+                tls,
+                from: e.from.get_ref().clone(),
+                to,
+                username: e.username.as_ref().map(|u| u.get_ref().clone()),
+                password_file,
+                ca_file: e
+                    .ca_file
+                    .as_ref()
+                    .map(|f| file(f, AlertFile::Ca))
+                    .transpose()?,
+                max_per_minute: per_minute(&e.max_per_minute, max_per_minute)?,
+            })
+        }
+    };
+    let sms = match &a.sms {
+        None => None,
+        Some(s) => {
+            let url = HttpUrl::parse(s.url.get_ref()).map_err(|r| err(s.url.span(), r))?;
+            if let Some(c) = &s.ca_file
+                && !url.https
+            {
+                return Err(err(c.span(), "ca_file needs an https:// url".into()));
+            }
+            Some(SmsConfig {
+                to: mailboxes(&s.to)?,
+                bearer_token_file: s
+                    .bearer_token_file
+                    .as_ref()
+                    .map(|f| file(f, AlertFile::Secret))
+                    .transpose()?,
+                ca_file: s
+                    .ca_file
+                    .as_ref()
+                    .map(|f| file(f, AlertFile::Ca))
+                    .transpose()?,
+                max_per_minute: per_minute(&s.max_per_minute, max_per_minute)?,
+                url,
+            })
+        }
+    };
+    Ok(AlertsConfig {
+        max_per_minute,
+        alertmanager,
+        alertmanager_resend_seconds,
+        alertmanager_ca_file,
+        generator_url,
+        email,
+        sms,
+    })
 }
 
 /// A scheduled set's `schedule` (cron) or `every` (interval): exactly one of them, and
@@ -1551,6 +1910,140 @@ root = "/srv/www"
             assert_eq!(e.line, line, "{e}");
             assert!(e.to_string().starts_with("/etc/cdsync/cdd.toml:"), "{e}");
             assert!(e.reason.contains(why), "{e}");
+        }
+    }
+
+    const ALERTS: &str = r#"
+[master.alerts]
+max_per_minute = 5
+alertmanager_urls = ["http://127.0.0.1:9093", "https://am2.example.com/prefix/"]
+[master.alerts.email]
+smtp_server = "mail.example.com"
+from = "cdsync <cdsync@example.com>"
+to = ["ops@example.com"]
+username = "cdsync"
+password_file = "/etc/cdsync/smtp.pass"
+[master.alerts.sms]
+url = "https://sms.example.com/send"
+to = ["+15550100"]
+max_per_minute = 2
+"#;
+
+    #[test]
+    fn alerts_config_parses_with_defaults() {
+        let c = p(&format!("{MASTER_SET}{ALERTS}")).unwrap();
+        let a = c.master.unwrap().alerts;
+        assert_eq!(a.max_per_minute, 5);
+        assert_eq!(a.alertmanager.len(), 2);
+        assert_eq!(a.alertmanager[1].path, "/prefix/");
+        assert!(a.alertmanager[1].https);
+        assert_eq!(a.alertmanager_resend_seconds, 60);
+        let e = a.email.unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.tls),
+            ("mail.example.com", 587, SmtpTls::StartTls)
+        );
+        assert_eq!(e.max_per_minute, 5, "inherits the table's limit");
+        assert_eq!(
+            e.password_file.as_deref(),
+            Some(Path::new("/etc/cdsync/smtp.pass"))
+        );
+        let s = a.sms.unwrap();
+        assert_eq!(s.max_per_minute, 2);
+        assert_eq!(s.to, ["+15550100"]);
+        // No table: no sinks.
+        let a = p(MASTER_SET).unwrap().master.unwrap().alerts;
+        assert_eq!(a, AlertsConfig::default());
+    }
+
+    #[test]
+    fn alerts_config_errors_are_located() {
+        let full = format!("{MASTER_SET}{ALERTS}");
+        // Line of `[master.alerts]` in `full`.
+        let base = MASTER_SET.lines().count() + 2;
+        let cases = [
+            (
+                "max_per_minute = 5",
+                "max_per_minute = 0",
+                1,
+                "out of range",
+            ),
+            ("\"http://127.0.0.1:9093\"", "\"ftp://x\"", 2, "not an http"),
+            (
+                "\"https://am2.example.com/prefix/\"]",
+                "\"http://am2.example.com/\"]\nalertmanager_ca_file = \"/x.pem\"",
+                3,
+                "alertmanager_urls has none",
+            ),
+            (
+                "smtp_server = \"mail.example.com\"",
+                "smtp_server = \"mail:x\"",
+                4,
+                "bad port",
+            ),
+            (
+                "from = \"cdsync <cdsync@example.com>\"",
+                "from = \"not an address\"",
+                5,
+                "from",
+            ),
+            (
+                "username = \"cdsync\"\n",
+                "username = \"cdsync\"\ntls = \"none\"\n",
+                7,
+                "clear text",
+            ),
+            (
+                "username = \"cdsync\"\n",
+                "username = \"cdsync\"\ntls = \"ssl\"\n",
+                8,
+                "not one of",
+            ),
+            (
+                "password_file = \"/etc/cdsync/smtp.pass\"\n",
+                "",
+                7,
+                "needs password_file",
+            ),
+            ("to = [\"+15550100\"]", "to = []", 11, "at least one"),
+            (
+                "max_per_minute = 2",
+                "max_per_minut = 2",
+                12,
+                "unknown field",
+            ),
+        ];
+        for (from, to, line, why) in cases {
+            let text = full.replacen(from, to, 1);
+            assert_ne!(text, full, "{from}");
+            let e = p(&text).unwrap_err();
+            assert_eq!(e.line, base + line, "{from} -> {to}: {e}");
+            assert!(e.reason.contains(why), "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn alert_files_are_checked_on_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        crate::pki::ca_init(&d.join("pki"), "master", &[]).unwrap();
+        let text = |ca: &str| {
+            format!(
+                "name = \"master\"\nstate_dir = \"{0}/state\"\n[master]\nlisten = \"127.0.0.1:0\"\n\
+                 pki_dir = \"{0}/pki\"\n[master.alerts.email]\nsmtp_server = \"127.0.0.1:2525\"\n\
+                 from = \"a@b.c\"\nto = [\"d@e.f\"]\nca_file = \"{ca}\"\n",
+                d.display()
+            )
+        };
+        let ok = d.join("pki/ca.pem");
+        let mut c = p(&text(&ok.display().to_string())).unwrap();
+        c.resolve().unwrap();
+        std::fs::write(d.join("junk.pem"), "not a certificate").unwrap();
+        for bad in [d.join("missing.pem"), d.join("junk.pem")] {
+            let mut c = p(&text(&bad.display().to_string())).unwrap();
+            let e = c.resolve().unwrap_err();
+            assert_eq!((e.line, e.column), (10, 11), "{e}");
+            assert!(e.reason.contains(&bad.display().to_string()), "{e}");
         }
     }
 

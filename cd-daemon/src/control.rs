@@ -67,6 +67,12 @@ pub enum Request {
         #[serde(default)]
         node: Option<String>,
     },
+    /// The alerts firing now, the sinks, and the newest alert events of the job log
+    /// (0 = the default, 50).
+    Alerts {
+        #[serde(default)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

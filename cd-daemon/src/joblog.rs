@@ -552,6 +552,29 @@ impl JobLog {
         .await
     }
 
+    /// The newest `limit` events whose kind starts with `prefix`, newest first.
+    pub async fn events_of_kind(&self, prefix: &str, limit: usize) -> anyhow::Result<Vec<Value>> {
+        let pattern = format!(
+            "{}%",
+            prefix
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        self.read(move |c| {
+            let mut st = c.prepare(
+                "SELECT id, at_ms, kind, node, content_set, job_id, detail FROM events
+                 WHERE kind LIKE ?1 ESCAPE '\\' ORDER BY id DESC LIMIT ?2",
+            )?;
+            st.query_map(
+                rusqlite::params![pattern, limit.clamp(1, MAX_LIMIT) as i64],
+                event_json,
+            )?
+            .collect()
+        })
+        .await
+    }
+
     /// Statistics over the retained log (dry runs left out): per node (as a target:
     /// transfers, bytes received, failures, last success; as a source: jobs) and per
     /// link `via → target` (transfers, bytes, wire bytes, failures, mean duration).

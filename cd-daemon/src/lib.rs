@@ -131,6 +131,11 @@ impl Handler for Daemon {
                 .health_json(node.as_deref())
                 .await
                 .map_err(|e| format!("{e:#}")),
+            Request::Alerts { limit } => self
+                .master()?
+                .alerts_json(limit)
+                .await
+                .map_err(|e| format!("{e:#}")),
         }
     }
 }

@@ -132,7 +132,8 @@ impl Master {
                 pending: HashMap::new(),
                 health: health::HealthBook::new(mcfg.monitor.clone()),
             }),
-            alerts: Alerts::new(joblog.clone()),
+            alerts: Alerts::start(joblog.clone(), &mcfg.alerts, &cfg.name)
+                .context("starting the alert sinks")?,
             joblog,
             timers: Mutex::new(BTreeMap::new()),
             cfg: mcfg,

@@ -157,7 +157,12 @@ fn run_status(mut c: Command, what: &str) -> Result<()> {
 
 /// Debian packages the privileged tests use: `prometheus` (the server and
 /// `promtool`) for `vm-tests/tests/prometheus.rs`.
-const PRIVILEGED_PACKAGES: &[&str] = &["prometheus"];
+const PRIVILEGED_PACKAGES: &[&str] = &[
+    "prometheus",
+    // vm-tests/tests/alerts.rs: a real Alertmanager and a real SMTP server (STARTTLS).
+    "prometheus-alertmanager",
+    "python3-aiosmtpd",
+];
 
 /// Privileged tests on the running kernel. They are `#[ignore]`d so that a plain
 /// `cargo test` (no root) does not run them; here they run, one at a time. The tests

@@ -81,6 +81,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Alerts (on the master): those firing now, where they are sent, and the newest
+    /// alert events (raised, resolved, undelivered) from the job log.
+    Alerts {
+        /// At most this many history entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// The route table of a content set (on the master): who sends to whom.
     Routes {
         /// Content set (optional when there is only one).
@@ -343,6 +352,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = call(&cli.socket, Request::Health { node })?;
             print_json_or(&v, json, render_health)
         }
+        Cmd::Alerts { limit, json } => {
+            let v = call(&cli.socket, Request::Alerts { limit })?;
+            print_json_or(&v, json, render_alerts)
+        }
     }
 }
 
@@ -438,6 +451,58 @@ fn render_health(v: &serde_json::Value) -> String {
                 pct(&h["disk_used_ratio"]["max"])
             );
         }
+    }
+    s.trim_end().to_owned()
+}
+
+/// `cdctl alerts`: what fires, the sinks, the history.
+fn render_alerts(v: &serde_json::Value) -> String {
+    let firing: Vec<&serde_json::Value> = v["firing"].as_array().into_iter().flatten().collect();
+    let mut s = if firing.is_empty() {
+        "no alert is firing\n".to_owned()
+    } else {
+        format!("{} firing:\n", firing.len())
+    };
+    for a in firing {
+        let since = a["since_unix_ms"].as_i64().unwrap_or(0);
+        let t = time::OffsetDateTime::from_unix_timestamp(since / 1000)
+            .map(|t| {
+                format!(
+                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+                    t.year(),
+                    u8::from(t.month()),
+                    t.day(),
+                    t.hour(),
+                    t.minute(),
+                    t.second()
+                )
+            })
+            .unwrap_or_default();
+        s += &format!(
+            "  {:<8} {}  since {t}  {}\n",
+            a["severity"].as_str().unwrap_or("?"),
+            a["key"].as_str().unwrap_or("?"),
+            a["summary"].as_str().unwrap_or("")
+        );
+    }
+    let sinks: Vec<&str> = v["sinks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+        .collect();
+    s += &format!(
+        "sinks: {}\n",
+        if sinks.is_empty() {
+            "none (job log only)".to_owned()
+        } else {
+            sinks.join(", ")
+        }
+    );
+    let history = render_events(&v["history"]);
+    if !history.is_empty() {
+        s += "history (newest first):\n";
+        s += &history;
     }
     s.trim_end().to_owned()
 }

@@ -20,9 +20,25 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::{JOB_TIMEOUT, Master, report_json};
+use crate::alert::{Alert, Severity};
 use crate::config::MasterContentSet;
 use crate::joblog::{JobKind, JobLog, JobQuery, now_ms};
 use crate::localtime::{self, Local};
+
+/// Why a finished job failed (its error, or its failed targets), `None` if it is ok.
+fn failure(r: &pb::JobReport) -> Option<String> {
+    if !r.error.is_empty() {
+        return Some(r.error.clone());
+    }
+    let failed: Vec<String> = r
+        .targets
+        .iter()
+        .filter(|t| !t.ok)
+        .map(|t| format!("{}: {}", t.target, t.error))
+        .collect();
+    (!failed.is_empty())
+        .then(|| format!("{} target(s) failed: {}", failed.len(), failed.join("; ")))
+}
 
 /// A scheduled content set's timer, for `status`.
 #[derive(Debug, Default, Clone)]
@@ -53,6 +69,7 @@ impl Master {
     ) -> anyhow::Result<Value> {
         let fail = |msg: String| {
             self.joblog.fail_job(job_id, &msg);
+            self.job_alert(cs, job_id, kind, Some(&msg));
             anyhow::anyhow!(msg)
         };
         let (tx, rx) = oneshot::channel();
@@ -132,6 +149,7 @@ impl Master {
             "job finished"
         );
         self.joblog.finish_job(job_id, &report);
+        self.job_alert(cs, job_id, kind, failure(&report).as_deref());
         let mut json = report_json(&report);
         if kind == JobKind::DryRun
             && let Some(o) = json.as_object_mut()
@@ -162,6 +180,9 @@ impl Master {
                 }
             };
             let id = self.joblog.record_report(kind, node, &r);
+            if let Ok(cs) = self.set_named(Some(&r.content_set)) {
+                self.job_alert(cs, id, kind, failure(&r).as_deref());
+            }
             tracing::debug!(node, job_id = id, kind = kind.as_str(), content_set = %r.content_set, "recorded a source's own round");
             self.state
                 .lock()
@@ -183,6 +204,47 @@ impl Master {
                 tracing::info!(node, job_id = r.job_id, "report for a job nobody waits for")
             }
         }
+    }
+
+    /// Raises `JobFailed` for `cs` when a job failed (`error`), resolves it when one
+    /// succeeded; dry runs change nothing.
+    fn job_alert(&self, cs: &MasterContentSet, job_id: u64, kind: JobKind, error: Option<&str>) {
+        if kind == JobKind::DryRun {
+            return;
+        }
+        let alert = Alert::firing(
+            "JobFailed",
+            None,
+            Severity::Warning,
+            format!(
+                "{} job {job_id} of `{}` (source {}) failed: {}",
+                kind.as_str(),
+                cs.name,
+                cs.source,
+                error.unwrap_or_default()
+            ),
+        )
+        .label("content_set", cs.name.clone());
+        self.alerts.raise(match error {
+            Some(_) => alert,
+            None => alert.resolved(format!(
+                "{} job {job_id} of `{}` succeeded",
+                kind.as_str(),
+                cs.name
+            )),
+        });
+    }
+
+    /// `cdctl alerts`: the alerts firing now, the configured sinks, and the newest
+    /// `limit` alert events of the job log (raised, resolved, undelivered).
+    pub async fn alerts_json(&self, limit: usize) -> anyhow::Result<Value> {
+        let limit = if limit == 0 { 50 } else { limit.min(10_000) };
+        let history = self.joblog.events_of_kind("alert_", limit).await?;
+        Ok(json!({
+            "firing": self.alerts.firing_json(),
+            "sinks": self.alerts.sinks(),
+            "history": history,
+        }))
     }
 
     pub async fn jobs(&self, q: JobQuery) -> anyhow::Result<Value> {
@@ -328,5 +390,42 @@ impl Master {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &str, ok: bool, error: &str) -> pb::TargetResult {
+        pb::TargetResult {
+            target: name.into(),
+            ok,
+            error: error.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_report_fails_on_its_error_or_any_failed_target() {
+        let mut r = pb::JobReport {
+            targets: vec![target("node2", true, ""), target("node3", true, "")],
+            ..Default::default()
+        };
+        assert_eq!(failure(&r), None, "every target ok");
+        r.targets.push(target("node4", false, "disk full"));
+        r.targets.push(target("node5", false, "not attempted"));
+        assert_eq!(
+            failure(&r).as_deref(),
+            Some("2 target(s) failed: node4: disk full; node5: not attempted")
+        );
+        // The job's own error is the reason, whatever the targets say.
+        r.error = "scan failed: permission denied".into();
+        assert_eq!(
+            failure(&r).as_deref(),
+            Some("scan failed: permission denied")
+        );
+        r.targets.clear();
+        assert!(failure(&r).is_some(), "an error without targets fails");
     }
 }
