@@ -20,6 +20,7 @@ pub mod localtime;
 pub mod master;
 pub mod metrics;
 pub mod net;
+pub mod nm;
 pub mod node;
 pub mod pki;
 pub mod realtime;
