@@ -135,8 +135,9 @@ pub fn conflict_pb(c: &Conflict, node: &str) -> pb::ConflictRecord {
 }
 
 /// Two entries are the same write for echo detection: same kind and content, mode
-/// and mtime (and owner when `owner`); a hard link's target and a directory's
-/// mtime (its children move it) do not count.
+/// and mtime (and owner when `owner`); a hard link's target does not count. A
+/// directory's mtime counts too: a source ships it with every change inside, and
+/// the applier leaves it as shipped.
 fn same_write(a: &Entry, b: &Entry, owner: bool) -> bool {
     let kind = |e: &Entry| match &e.kind {
         EntryKind::File { size, hash, .. } => EntryKind::File {
@@ -152,7 +153,7 @@ fn same_write(a: &Entry, b: &Entry, owner: bool) -> bool {
     if owner && (a.meta.uid, a.meta.gid) != (b.meta.uid, b.meta.gid) {
         return false;
     }
-    a.is_dir() || (a.meta.mtime_sec, a.meta.mtime_nsec) == (b.meta.mtime_sec, b.meta.mtime_nsec)
+    (a.meta.mtime_sec, a.meta.mtime_nsec) == (b.meta.mtime_sec, b.meta.mtime_nsec)
 }
 
 impl NmSet {
@@ -747,6 +748,21 @@ mod tests {
         assert!(!s.is_echo(&Change::Upsert(chmod)));
         assert!(!s.is_echo(&Change::Remove(p("a"))));
         assert!(!s.is_echo(&Change::Upsert(file("new", 1, 10))));
+        // A directory's mtime counts: a child written here moves it, and that is news.
+        let d = |mtime| Entry {
+            path: p("d"),
+            kind: EntryKind::Dir,
+            meta: Meta {
+                mode: 0o755,
+                uid: 1,
+                gid: 1,
+                mtime_sec: mtime,
+                mtime_nsec: 0,
+            },
+        };
+        s.stamp_local(2, &[Change::Upsert(d(20))]).unwrap();
+        assert!(s.is_echo(&Change::Upsert(d(20))));
+        assert!(!s.is_echo(&Change::Upsert(d(21))));
         // Owners count only where this node sets them.
         let mut other_owner = file("a", 1, 10);
         other_owner.meta.uid = 2;

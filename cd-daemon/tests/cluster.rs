@@ -2125,7 +2125,7 @@ fn nm_editors_converge_last_writer_wins() {
     let mut spec = ClusterSpec::new(3, tmp.path(), &cdd(), &cdctl());
     spec.mode = Some("realtime");
     spec.sources = 2;
-    let c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    let mut c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
     let (r1, r2, r3) = (
         c.root("node1").unwrap(),
         c.root("node2").unwrap(),
@@ -2144,6 +2144,13 @@ fn nm_editors_converge_last_writer_wins() {
         b"written on node1"
     );
     assert_eq!(fs::read(r1.join("two.html")).unwrap(), noise(2, 300_000));
+    // A file created in a directory that arrived earlier moves the directory's mtime
+    // on its editor: that travels too (it is not mistaken for an echo).
+    fs::create_dir(r2.join("media")).unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "a new directory");
+    thread::sleep(Duration::from_millis(1100));
+    fs::write(r2.join("media/logo.png"), noise(4, 1000)).unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "a file in it, later");
     // A write on one editor over what came from the other is an ordinary update.
     fs::write(r1.join("two.html"), b"node1 edits node2's page").unwrap();
     wait_all_identical(&c, Duration::from_secs(60), "update of a remote write");
@@ -2228,4 +2235,37 @@ fn nm_editors_converge_last_writer_wins() {
     assert_eq!(before.0, after.0, "real-time rounds kept coming");
     assert_eq!(before.1, after.1, "the editors kept shipping change sets");
     wait_all_identical(&c, Duration::from_secs(1), "still identical");
+
+    // (e) An editor that comes back with an older tree (killed, so it reconciles in
+    // full) converges instead of clobbering: its full rounds do not remove or revert
+    // what the other wrote meanwhile, and it gets those writes.
+    c.kill("node1", SIGKILL).unwrap();
+    wait_disconnected(&c, "node1");
+    fs::write(r2.join("while-away.html"), b"new on node2").unwrap();
+    fs::write(r2.join("docs/one.html"), b"node2 rewrote it meanwhile").unwrap();
+    fs::remove_file(r2.join("from-node1.html")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::read(r3.join("docs/one.html")).unwrap_or_default() != b"node2 rewrote it meanwhile"
+        || !r3.join("while-away.html").exists()
+        || r3.join("from-node1.html").exists()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node3 did not get node2's writes"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    c.restart("node1").unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "editor back after a crash");
+    for r in [&r1, &r2, &r3] {
+        assert_eq!(
+            fs::read(r.join("docs/one.html")).unwrap(),
+            b"node2 rewrote it meanwhile"
+        );
+        assert_eq!(
+            fs::read(r.join("while-away.html")).unwrap(),
+            b"new on node2"
+        );
+        assert!(!r.join("from-node1.html").exists(), "a delete was undone");
+    }
 }
