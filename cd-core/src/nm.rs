@@ -48,8 +48,14 @@ pub struct Outcome<T> {
 /// The changes of an incremental body that win, each change with its version, against
 /// what `held` says the replica holds. A rename is one write at both of its paths
 /// (its `from` deleted, its `to` written) and is taken only where it wins at both.
+///
+/// A removal of a directory that wins is a removal of everything beneath it in
+/// `local` too, except what is newer there than the removal (a concurrent write into
+/// the directory): then only what loses goes, and the directories above what stays
+/// stay (the replica's tree before the body, `local`, says what is beneath).
 pub fn filter_changes(
     changes: Vec<(Change, Version)>,
+    local: &Manifest,
     held: impl Fn(&RelPath) -> Option<Held>,
 ) -> Outcome<Vec<Change>> {
     let mut out = Outcome::<Vec<Change>>::default();
@@ -72,6 +78,10 @@ pub fn filter_changes(
             }
             wins &= r.take;
         }
+        if wins && let Change::Remove(p) = &change {
+            remove_subtree(&mut out, local, p, &v, &current);
+            continue;
+        }
         if wins {
             for (p, deleted) in writes {
                 out.record.insert(
@@ -88,6 +98,67 @@ pub fn filter_changes(
         }
     }
     out
+}
+
+/// A winning removal of `p` by `v`: the whole subtree, or (where something beneath is
+/// newer) the losing paths one by one.
+fn remove_subtree(
+    out: &mut Outcome<Vec<Change>>,
+    local: &Manifest,
+    p: &RelPath,
+    v: &Version,
+    current: &impl Fn(&Outcome<Vec<Change>>, &RelPath) -> Option<Held>,
+) {
+    let mut prefix = p.as_bytes().to_vec();
+    prefix.push(b'/');
+    let below: Vec<RelPath> = local
+        .iter()
+        .map(|e| &e.path)
+        .filter(|q| q.as_bytes().starts_with(&prefix))
+        .cloned()
+        .collect();
+    let mut survivors = Vec::new();
+    for q in &below {
+        let cur = current(out, q);
+        let r = lww::resolve(q, cur.as_ref().map(|h| &h.version), v);
+        if !r.take && cur.is_some_and(|h| !h.deleted) {
+            if let Some(c) = r.conflict
+                && !out.conflicts.contains(&c)
+            {
+                out.conflicts.push(c);
+            }
+            survivors.push(q.clone());
+        }
+    }
+    let holds_survivor = |d: &RelPath| {
+        let mut pre = d.as_bytes().to_vec();
+        pre.push(b'/');
+        survivors.iter().any(|s| s.as_bytes().starts_with(&pre))
+    };
+    let tomb = |out: &mut Outcome<Vec<Change>>, q: &RelPath| {
+        out.record.insert(
+            q.clone(),
+            Held {
+                version: v.clone(),
+                deleted: true,
+            },
+        );
+    };
+    if survivors.is_empty() {
+        tomb(out, p);
+        for q in &below {
+            tomb(out, q);
+        }
+        out.take.push(Change::Remove(p.clone()));
+        return;
+    }
+    for q in below {
+        if survivors.contains(&q) || holds_survivor(&q) {
+            continue;
+        }
+        tomb(out, &q);
+        out.take.push(Change::Remove(q));
+    }
 }
 
 /// The tree a replica holding `local` should hold after a full manifest `received`
@@ -256,7 +327,7 @@ mod tests {
             // Removed within the same body after its write: the write counts as held.
             (Change::Remove(p("c")), v("ed1", 13, 2, &[])),
         ];
-        let out = filter_changes(changes, held(&store));
+        let out = filter_changes(changes, &Manifest::new(), held(&store));
         assert_eq!(
             out.take,
             vec![
@@ -280,12 +351,14 @@ mod tests {
         store.insert(p("x"), h(v("ed2", 30, 4, &[]), false));
         let out = filter_changes(
             vec![(Change::Remove(p("x")), v("ed1", 25, 3, &[]))],
+            &Manifest::new(),
             held(&store),
         );
         assert!(out.take.is_empty());
         assert_eq!(out.conflicts.len(), 1);
         let out = filter_changes(
             vec![(Change::Remove(p("x")), v("ed1", 35, 3, &[]))],
+            &Manifest::new(),
             held(&store),
         );
         assert_eq!(out.take, vec![Change::Remove(p("x"))]);
@@ -293,10 +366,70 @@ mod tests {
         // A delete made after seeing ed2's write: no conflict.
         let out = filter_changes(
             vec![(Change::Remove(p("x")), v("ed1", 35, 3, &[("ed2", 4)]))],
+            &Manifest::new(),
             held(&store),
         );
         assert_eq!(out.take.len(), 1);
         assert!(out.conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_directory_removal_spares_newer_writes_beneath_it() {
+        let local = Manifest::from_entries([
+            dir("d"),
+            dir("d/e"),
+            file("d/e/new", 1),
+            file("d/old", 2),
+            dir("d/z"),
+            file("d/z/old", 3),
+        ])
+        .unwrap();
+        let mut store = BTreeMap::new();
+        for (path, wall) in [
+            ("d", 10),
+            ("d/e", 10),
+            ("d/old", 10),
+            ("d/z", 10),
+            ("d/z/old", 10),
+        ] {
+            store.insert(p(path), h(v("ed1", wall, 1, &[]), false));
+        }
+        // ed2 wrote `d/e/new` after ed1's removal of `d`, concurrently.
+        store.insert(p("d/e/new"), h(v("ed2", 90, 7, &[]), false));
+        let rm = v("ed1", 50, 2, &[]);
+        let out = filter_changes(
+            vec![(Change::Remove(p("d")), rm.clone())],
+            &local,
+            held(&store),
+        );
+        assert_eq!(
+            out.take,
+            vec![
+                Change::Remove(p("d/old")),
+                Change::Remove(p("d/z")),
+                Change::Remove(p("d/z/old")),
+            ]
+        );
+        assert_eq!(out.conflicts.len(), 1);
+        assert_eq!(out.conflicts[0].path, p("d/e/new"));
+        assert!(
+            !out.record.contains_key(&p("d")),
+            "d stays, holding the newer write"
+        );
+        let tree = crate::changeset::ChangeSet {
+            origin: "ed1".into(),
+            seq: 2,
+            body: crate::changeset::ChangeBody::Incremental(out.take),
+        }
+        .desired(&local)
+        .unwrap();
+        assert_eq!(paths(&tree), ["d", "d/e", "d/e/new"]);
+        // Nothing newer beneath: one removal, tombstones for all.
+        store.insert(p("d/e/new"), h(v("ed2", 20, 7, &[]), false));
+        let out = filter_changes(vec![(Change::Remove(p("d")), rm)], &local, held(&store));
+        assert_eq!(out.take, vec![Change::Remove(p("d"))]);
+        assert_eq!(out.record.len(), 6);
+        assert!(out.record.values().all(|h| h.deleted));
     }
 
     #[test]
@@ -311,6 +444,7 @@ mod tests {
                 },
                 v("ed1", 40, 1, &[]),
             )],
+            &Manifest::new(),
             held(&store),
         );
         assert!(out.take.is_empty());

@@ -522,7 +522,7 @@ pub(crate) fn received(
             }
             with.push((c, v));
         }
-        let o = cd_core::nm::filter_changes(with, |p| nm.held(p));
+        let o = cd_core::nm::filter_changes(with, local, |p| nm.held(p));
         let tree = ChangeSet {
             origin: begin.origin.clone(),
             seq: begin.seq,
