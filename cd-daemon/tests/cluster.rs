@@ -326,6 +326,21 @@ fn bad_config_exits_64() {
             "colour",
         ),
         bad(
+            "N:M source listed twice",
+            master.replace(
+                "source = \"node1\"",
+                "sources = [\"node1\", \"node3\", \"node1\"]",
+            ),
+            "sources",
+            "listed twice",
+        ),
+        bad(
+            "N:M source also a target",
+            master.replace("source = \"node1\"", "sources = [\"node1\", \"node2\"]"),
+            "targets = [",
+            "cannot also be a target",
+        ),
+        bad(
             "missing field",
             node.replace("master_addr = \"127.0.0.1:7700\"\n", ""),
             "[node]",
