@@ -257,6 +257,34 @@ impl NmSet {
         Ok(out)
     }
 
+    /// What is on disk at `path` (per `local`, a fresh scan) is not what this node
+    /// holds a version of: a local write its capture has not stamped yet. A
+    /// directory's attributes are left to last-writer-wins (a file written into it
+    /// moves its mtime; that is no content to lose).
+    pub fn pending_local(&self, path: &RelPath, local: &Manifest) -> bool {
+        let held = self.get(path);
+        if local.get(path).is_some_and(Entry::is_dir)
+            && held
+                .as_ref()
+                .is_none_or(|(h, e)| h.deleted || e.as_ref().is_some_and(Entry::is_dir))
+        {
+            return false;
+        }
+        match (held, local.get(path)) {
+            (None, None) => false,
+            (None, Some(_)) => true,
+            (Some((h, _)), None) => !h.deleted,
+            (Some((h, held)), Some(disk)) => {
+                h.deleted || held.is_none_or(|held| !same_write(&held, disk, self.owner))
+            }
+        }
+    }
+
+    /// The clock takes in a remote timestamp.
+    pub fn observe(&self, remote: Hlc) {
+        self.clock.lock().unwrap().observe(remote, physical_ms());
+    }
+
     /// A captured change is this node's own application of a remote write (or a
     /// no-op over what it holds): see the module docs.
     pub fn is_echo(&self, change: &Change) -> bool {
@@ -522,7 +550,37 @@ pub(crate) fn received(
             }
             with.push((c, v));
         }
-        let o = cd_core::nm::filter_changes(with, local, |p| nm.held(p));
+        // A source's own write that its capture has not stamped yet is on disk but
+        // not in the store: an incoming write of that path does not overwrite it
+        // (that would lose it without a trace). It is skipped as a conflict the
+        // pending write wins; the clock observes the incoming stamp, so the pending
+        // write, when shipped, is later and (having seen this change set) replaces
+        // the incoming one everywhere.
+        let mut pending_conflicts = Vec::new();
+        if keep_unversioned {
+            with.retain(|(c, v)| {
+                let paths: Vec<&RelPath> = match c {
+                    Change::Upsert(e) => vec![&e.path],
+                    Change::Remove(p) => vec![p],
+                    Change::Rename { from, to } => vec![from, to],
+                };
+                let Some(p) = paths.into_iter().find(|p| nm.pending_local(p, local)) else {
+                    return true;
+                };
+                nm.observe(v.stamp().hlc);
+                pending_conflicts.push(Conflict {
+                    path: p.clone(),
+                    winner: Stamp {
+                        hlc: nm.clock(),
+                        origin: nm.node.clone(),
+                    },
+                    loser: v.stamp().clone(),
+                });
+                false
+            });
+        }
+        let mut o = cd_core::nm::filter_changes(with, local, |p| nm.held(p));
+        o.conflicts.extend(pending_conflicts);
         let tree = ChangeSet {
             origin: begin.origin.clone(),
             seq: begin.seq,
@@ -775,6 +833,56 @@ mod tests {
             .unwrap();
         assert!(s.is_echo(&Change::Upsert(file("a", 3, 12))));
         assert!(!s.is_echo(&Change::Upsert(file("a", 1, 10))));
+    }
+
+    #[test]
+    fn pending_local_writes_are_what_disk_has_beyond_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = NmSet::open("ed1", false, &dir.path().join("v.sqlite")).unwrap();
+        let mut rec = BTreeMap::new();
+        for (path, deleted) in [("a", false), ("gone", true), ("kept", false)] {
+            rec.insert(
+                p(path),
+                Held {
+                    version: remote("ed2", 100, 1),
+                    deleted,
+                },
+            );
+        }
+        let tree = Manifest::from_entries([file("a", 1, 10), file("kept", 2, 10)]).unwrap();
+        s.record_applied(&rec, &tree, "ed2", 1).unwrap();
+        let d = |path: &str| Entry {
+            path: p(path),
+            kind: EntryKind::Dir,
+            meta: file("x", 0, 1).meta,
+        };
+        // On disk: `a` rewritten, `gone` recreated, `kept` deleted, `new` never
+        // stamped, `fresh` a new directory; `same` absent everywhere.
+        let disk = Manifest::from_entries([
+            file("a", 9, 11),
+            d("fresh"),
+            file("gone", 3, 10),
+            file("new", 4, 10),
+        ])
+        .unwrap();
+        for path in ["a", "gone", "kept", "new"] {
+            assert!(s.pending_local(&p(path), &disk), "{path}");
+        }
+        assert!(
+            !s.pending_local(&p("fresh"), &disk),
+            "directories: LWW decides"
+        );
+        assert!(!s.pending_local(&p("same"), &disk));
+        assert!(
+            !s.pending_local(&p("a"), &tree),
+            "what was applied is not pending"
+        );
+        // Observing a remote stamp moves the clock past it.
+        s.observe(Hlc {
+            wall_ms: u64::MAX / 8,
+            logical: 3,
+        });
+        assert!(s.clock().wall_ms >= u64::MAX / 8);
     }
 
     #[test]
