@@ -36,6 +36,8 @@
 //!   command), and that it does not relay until then.
 //! - [`lww`]: N:M content sets: hybrid logical clocks, version vectors, and
 //!   last-writer-wins per path with conflict records for the job log.
+//! - [`nm`]: which changes of an N:M change set a replica takes (incremental bodies)
+//!   and the tree it holds after a full one, per path last-writer-wins.
 //! - [`schedule`]: when a scheduled content set runs: 5-field cron expressions (Vixie
 //!   cron's day-of-month/day-of-week rule) and fixed intervals, matched against
 //!   wall-clock fields that the caller's time zone converts (no clock read here).
@@ -50,6 +52,7 @@ pub mod event;
 pub mod filter;
 pub mod lww;
 pub mod manifest;
+pub mod nm;
 pub mod path;
 pub mod plan;
 pub mod route;

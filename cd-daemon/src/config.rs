@@ -323,7 +323,13 @@ impl std::fmt::Display for CatchUp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasterContentSet {
     pub name: String,
+    /// The source; for an N:M set the first of `sources` (the one manual and
+    /// scheduled jobs run on).
     pub source: String,
+    /// Every source: `source = "x"` is `["x"]`; `sources = ["ed1", "ed2"]` makes an
+    /// N:M set (several writers, last writer wins per path, see `cd_core::lww`),
+    /// always routed directly: each source sends its own writes to every other member.
+    pub sources: Vec<String>,
     pub targets: Vec<String>,
     /// 0 = no compression (file data can then go out with `sendfile`).
     pub zstd_level: i32,
@@ -584,7 +590,8 @@ struct RawLinkPolicy {
 #[serde(deny_unknown_fields)]
 struct RawMasterSet {
     name: Spanned<String>,
-    source: Spanned<String>,
+    source: Option<Spanned<String>>,
+    sources: Option<Spanned<Vec<Spanned<String>>>>,
     targets: Spanned<Vec<Spanned<String>>>,
     zstd_level: Option<Spanned<i64>>,
     max_rate_bytes_per_sec: Option<Spanned<i64>>,
@@ -718,8 +725,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                         format!("duplicate content set `{}`", s.name.get_ref()),
                     ));
                 }
-                check_name(s.source.get_ref())
-                    .map_err(|r| err(s.source.span(), format!("source: {r}")))?;
+                let sources = set_sources(s, &err)?;
+                let nm = sources.len() > 1;
                 if s.targets.get_ref().is_empty() {
                     return Err(err(
                         s.targets.span(),
@@ -729,13 +736,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 let mut seen = BTreeSet::new();
                 for t in s.targets.get_ref() {
                     check_name(t.get_ref()).map_err(|r| err(t.span(), format!("target: {r}")))?;
-                    if t.get_ref() == s.source.get_ref() {
+                    if sources.iter().any(|x| x.get_ref() == t.get_ref()) {
                         return Err(err(
                             t.span(),
-                            format!(
-                                "`{}` is the source; it cannot also be a target",
-                                t.get_ref()
-                            ),
+                            format!("`{}` is a source; it cannot also be a target", t.get_ref()),
                         ));
                     }
                     if !seen.insert(t.get_ref().clone()) {
@@ -761,6 +765,13 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     }
                 };
                 let routing = match s.routing.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None if nm => Routing::Direct,
+                    Some(("relay", span)) if nm => {
+                        return Err(err(
+                            span,
+                            "routing: a content set with several sources is routed directly (each source to every other member)".into(),
+                        ));
+                    }
                     None | Some(("relay", _)) => Routing::Relay,
                     Some(("direct", _)) => Routing::Direct,
                     Some((other, span)) => {
@@ -771,9 +782,22 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     }
                 };
                 let mut routes = BTreeMap::new();
+                if nm && let Some((_, parent)) = s.routes.iter().flatten().next() {
+                    return Err(err(
+                        parent.span(),
+                        "routes: a content set with several sources is routed directly; it takes no manual routes".into(),
+                    ));
+                }
+                if nm && let Some((_, tf)) = s.target_filters.iter().flatten().next() {
+                    return Err(err(
+                        tf.span(),
+                        "target_filters: not supported in a content set with several sources"
+                            .into(),
+                    ));
+                }
                 for (child, parent) in s.routes.iter().flatten() {
                     let members = || {
-                        std::iter::once(s.source.get_ref())
+                        std::iter::once(sources[0].get_ref())
                             .chain(s.targets.get_ref().iter().map(|t| t.get_ref()))
                     };
                     if !s.targets.get_ref().iter().any(|t| t.get_ref() == child) {
@@ -821,7 +845,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 };
                 sets.push(MasterContentSet {
                     name: s.name.get_ref().clone(),
-                    source: s.source.get_ref().clone(),
+                    source: sources[0].get_ref().clone(),
+                    sources: sources.iter().map(|x| x.get_ref().clone()).collect(),
                     targets: s
                         .targets
                         .get_ref()
@@ -1548,7 +1573,7 @@ impl MasterConfig {
     pub fn topology(&self) -> Result<Topology, cd_core::topology::TopologyError> {
         let mut specs = self.servers.clone();
         for set in &self.content_sets {
-            for n in std::iter::once(&set.source).chain(&set.targets) {
+            for n in set.sources.iter().chain(&set.targets) {
                 if !specs.iter().any(|s| &s.name == n) {
                     specs.push(ServerSpec::new(n, "default", "default", 1));
                 }
@@ -1779,6 +1804,52 @@ fn parse_monitor(
         });
     }
     Ok(out)
+}
+
+/// `source = "x"` or `sources = ["a", "b", …]` (exactly one of the two): the set's
+/// sources, checked (names, none twice, at least one).
+fn set_sources<'a>(
+    s: &'a RawMasterSet,
+    err: &ErrAt<'_>,
+) -> Result<Vec<&'a Spanned<String>>, ConfigError> {
+    let list: Vec<&Spanned<String>> = match (&s.source, &s.sources) {
+        (Some(one), None) => vec![one],
+        (None, Some(many)) => {
+            if many.get_ref().is_empty() {
+                return Err(err(
+                    many.span(),
+                    "sources must name at least one node".into(),
+                ));
+            }
+            many.get_ref().iter().collect()
+        }
+        (Some(one), Some(_)) => {
+            return Err(err(
+                one.span(),
+                "give either `source` or `sources`, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(err(
+                s.name.span(),
+                format!(
+                    "content set `{}` names no `source` (or `sources`)",
+                    s.name.get_ref()
+                ),
+            ));
+        }
+    };
+    let mut seen = BTreeSet::new();
+    for x in &list {
+        check_name(x.get_ref()).map_err(|r| err(x.span(), format!("source: {r}")))?;
+        if !seen.insert(x.get_ref().as_str()) {
+            return Err(err(
+                x.span(),
+                format!("source `{}` is listed twice", x.get_ref()),
+            ));
+        }
+    }
+    Ok(list)
 }
 
 fn zstd_level(v: &Option<Spanned<i64>>, err: &ErrAt<'_>) -> Result<Option<i32>, ConfigError> {
@@ -2541,5 +2612,93 @@ targets = ["node2", "node3"]
         assert!(e.reason.contains("cannot also be a target"), "{e}");
         let e = p(&base.replace("[master]\nlisten = \"127.0.0.1:7700\"\npki_dir = \"/etc/cdsync/pki\"\n[[master.content_sets]]\nname = \"www\"\nsource = \"node1\"\ntargets = [\"node2\", \"node3\"]\n", "")).unwrap_err();
         assert!(e.reason.contains("no role"), "{e}");
+    }
+
+    #[test]
+    fn nm_sets_name_several_sources() {
+        let base = r#"
+name = "master"
+state_dir = "/var/lib/cdsync"
+[master]
+listen = "127.0.0.1:7700"
+pki_dir = "/etc/cdsync/pki"
+[[master.content_sets]]
+name = "www"
+sources = ["ed1", "ed2"]
+targets = ["web1"]
+"#;
+        let c = p(base).unwrap().master.unwrap();
+        let s = &c.content_sets[0];
+        assert_eq!(s.sources, ["ed1", "ed2"]);
+        assert_eq!(s.source, "ed1");
+        assert_eq!(s.routing, Routing::Direct, "N:M sets are routed directly");
+        let names: Vec<String> = c
+            .topology()
+            .unwrap()
+            .ids()
+            .map(|i| c.topology().unwrap().name(i).to_owned())
+            .collect();
+        assert!(names.contains(&"ed2".to_owned()), "{names:?}");
+        // `source` stays a set of one.
+        let one = p(&base.replace("sources = [\"ed1\", \"ed2\"]", "source = \"ed1\""))
+            .unwrap()
+            .master
+            .unwrap();
+        assert_eq!(one.content_sets[0].sources, ["ed1"]);
+        assert_eq!(one.content_sets[0].routing, Routing::Relay);
+        // Each error at its place (line 9 is the `sources` line, 10 `targets`).
+        let bad = |text: String, line: usize, col: usize, says: &str| {
+            let e = p(&text).unwrap_err();
+            assert_eq!((e.line, e.column), (line, col), "{e}");
+            assert!(e.reason.contains(says), "{e}");
+        };
+        bad(
+            base.replace("[\"ed1\", \"ed2\"]", "[\"ed1\", \"ed1\"]"),
+            9,
+            19,
+            "listed twice",
+        );
+        bad(
+            base.replace("[\"web1\"]", "[\"web1\", \"ed2\"]"),
+            10,
+            20,
+            "is a source; it cannot also be a target",
+        );
+        bad(
+            base.replace("[\"ed1\", \"ed2\"]", "[]"),
+            9,
+            11,
+            "at least one",
+        );
+        bad(
+            base.replace("sources = [\"ed1\", \"ed2\"]\n", ""),
+            8,
+            8,
+            "names no `source`",
+        );
+        bad(
+            base.replace("targets", "source = \"ed1\"\ntargets"),
+            10,
+            10,
+            "not both",
+        );
+        bad(
+            base.replace("[\"ed1\", \"ed2\"]", "[\"ed1\", \"Bad_Name\"]"),
+            9,
+            19,
+            "source:",
+        );
+        bad(
+            format!("{base}routing = \"relay\"\n"),
+            11,
+            11,
+            "routed directly",
+        );
+        bad(
+            format!("{base}routes = {{ web1 = \"ed2\" }}\n"),
+            11,
+            19,
+            "no manual routes",
+        );
     }
 }

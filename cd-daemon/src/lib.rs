@@ -21,6 +21,7 @@ pub mod master;
 pub mod metrics;
 pub mod monitor;
 pub mod net;
+pub mod nm;
 pub mod node;
 pub mod pki;
 pub mod realtime;

@@ -67,6 +67,8 @@ struct State {
     last: BTreeMap<String, serde_json::Value>,
     /// Monitor samples, thresholds and checks of the connected nodes.
     health: health::HealthBook,
+    /// N:M conflicts already logged (set, path, winner, loser), bounded.
+    conflicts_seen: std::collections::HashSet<String>,
 }
 
 #[derive(Debug)]
@@ -131,6 +133,7 @@ impl Master {
                 next_session: 0,
                 pending: HashMap::new(),
                 health: health::HealthBook::new(mcfg.monitor.clone()),
+                conflicts_seen: Default::default(),
             }),
             alerts: Alerts::start(joblog.clone(), &mcfg.alerts, &cfg.name)
                 .context("starting the alert sinks")?,
@@ -202,13 +205,30 @@ impl Master {
             .cfg
             .content_sets
             .iter()
-            .filter(|s| s.source == node || s.targets.iter().any(|t| t == node))
+            .filter(|s| s.sources.iter().any(|x| x == node) || s.targets.iter().any(|t| t == node))
             .map(|s| {
                 let routes = st.farm.routes(&s.name);
-                // This node's children, each with the policy of its link class.
-                let targets = routes
-                    .map(|r| r.children(node))
-                    .unwrap_or_default()
+                let nm = s.sources.len() > 1;
+                // This node's children, each with the policy of its link class. In an
+                // N:M set a source sends to every other member that is up.
+                let children = if nm {
+                    if s.sources.iter().any(|x| x == node) {
+                        crate::routing::nm_children(&s.sources, routes, node, |n| {
+                            st.sessions.contains_key(n)
+                        })
+                        .into_iter()
+                        .map(|c| {
+                            let class = st.farm.link_class(node, &c);
+                            (c, class)
+                        })
+                        .collect()
+                    } else {
+                        Vec::new()
+                    }
+                } else {
+                    routes.map(|r| r.children(node)).unwrap_or_default()
+                };
+                let targets = children
                     .into_iter()
                     .map(|(child, class)| {
                         let p = self
@@ -233,7 +253,7 @@ impl Master {
                     .collect();
                 pb::ContentSetAssignment {
                     name: s.name.clone(),
-                    is_source: s.source == node,
+                    is_source: s.sources.iter().any(|x| x == node),
                     targets,
                     zstd_level: s.zstd_level,
                     source: s.source.clone(),
@@ -246,7 +266,9 @@ impl Master {
                         s.target_filters.get(node).unwrap_or(&s.filter),
                     )),
                     plaintext: !s.encryption,
+                    sources: if nm { s.sources.clone() } else { Vec::new() },
                     parent: routes
+                        .filter(|_| !nm)
                         .and_then(|r| r.parent(node))
                         .unwrap_or_default()
                         .to_owned(),

@@ -85,10 +85,6 @@ pub enum NetError {
 
 /// One received frame.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "an Incoming lives for one frame; boxing every control message would cost an allocation each"
-)]
 pub enum Incoming {
     Control(Msg),
     /// Raw (decompressed, CRC-checked unless sent without CRC) file bytes.

@@ -115,6 +115,9 @@ struct SetState {
     /// as far as this node knows (the filtered tree of the last full round, plus the
     /// change sets shipped since). `None`: unknown, the next batch is a full round.
     known: Mutex<Option<realtime::KnownTree>>,
+    /// An N:M set (its assignment names several sources): its version store, clock
+    /// and echo filter, opened with the first such assignment (see [`crate::nm`]).
+    nm: Mutex<Option<Arc<crate::nm::NmSet>>>,
 }
 
 /// A content set's filter as last assigned.
@@ -213,6 +216,7 @@ impl Node {
                         resume: Mutex::new(serde_json::Value::Null),
                         filter: watch::Sender::new(SetFilter::default()),
                         known: Mutex::new(None),
+                        nm: Mutex::new(None),
                     },
                 )
             })
@@ -291,6 +295,21 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// The N:M state of `set`, when its assignment names several sources.
+    fn nm(&self, set: &str) -> Option<Arc<crate::nm::NmSet>> {
+        let s = self.sets.get(set)?;
+        let nm_now = s
+            .assignment
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|a| !a.sources.is_empty());
+        if !nm_now {
+            return None;
+        }
+        s.nm.lock().unwrap().clone()
     }
 
     fn seq_path(&self, set: &str) -> PathBuf {
@@ -395,6 +414,12 @@ impl Node {
                     "full_reconciles": s.full_reconciles.load(Ordering::Relaxed),
                     "resume": *s.resume.lock().unwrap(),
                     "filter": filter,
+                    // N:M: all sources, this node's last change set and its clock.
+                    "sources": a.as_ref().map(|a| a.sources.clone()).unwrap_or_default(),
+                    "nm": s.nm.lock().unwrap().as_ref().map(|n| serde_json::json!({
+                        "seq": self.current_seq(name),
+                        "clock": n.clock().to_string(),
+                    })),
                 })
             })
             .collect();
@@ -596,7 +621,23 @@ impl Node {
                 }
                 changed
             });
-            tracing::info!(content_set = %set.name, is_source = set.is_source, realtime = set.realtime, parent = %set.parent, targets = set.targets.len(), "assignment");
+            if !set.sources.is_empty() && s.nm.lock().unwrap().is_none() {
+                let path = self.state_dir.join(format!("versions-{}.sqlite", set.name));
+                match crate::nm::NmSet::open(&self.name, self.owner, &path) {
+                    Ok(v) => *s.nm.lock().unwrap() = Some(Arc::new(v)),
+                    Err(e) => {
+                        let msg = format!(
+                            "content set `{}` suspended: cannot open its version store: {e:#}",
+                            set.name
+                        );
+                        tracing::error!(content_set = %set.name, error = %msg, "N:M content set suspended");
+                        self.note_error(msg);
+                        *s.assignment.lock().unwrap() = None;
+                        continue;
+                    }
+                }
+            }
+            tracing::info!(content_set = %set.name, is_source = set.is_source, realtime = set.realtime, parent = %set.parent, targets = set.targets.len(), sources = ?set.sources, "assignment");
             let before = s.assignment.lock().unwrap().replace(set.clone());
             if set.is_source && set.realtime {
                 let running = s
@@ -896,13 +937,16 @@ impl Node {
                 let r = node
                     .ship_batch(&name, state, &batch, cut, &mut idx, &mut report)
                     .await;
-                node.report_round(
-                    "realtime",
-                    &name,
-                    started_ms,
-                    report,
-                    r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
-                );
+                // A batch that shipped nothing (N:M echoes only) is no round.
+                if r.is_err() || report.seq != 0 {
+                    node.report_round(
+                        "realtime",
+                        &name,
+                        started_ms,
+                        report,
+                        r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+                    );
+                }
                 let (ok, error) = match &r {
                     Ok(()) => (true, None),
                     Err(e) => {
@@ -988,6 +1032,12 @@ impl Node {
         // The lock first: a full round running now changes what the replicas hold,
         // which the filter's command mask is judged against.
         let _busy = state.busy.lock().await;
+        // N:M: resolve and stamp under the apply lock (see crate::nm: echoes).
+        let nm = self.nm(set);
+        let mut nm_guard = match &nm {
+            Some(n) => Some(n.apply_lock.lock().await),
+            None => None,
+        };
         let filter = state.filter();
         let root = Arc::new(tokio::task::block_in_place(|| fs::Root::open(&state.root))?);
         let mut known = state.known.lock().unwrap().take();
@@ -999,7 +1049,26 @@ impl Node {
         if matches!(&resolved, Ok(r) if !r.full) {
             *state.known.lock().unwrap() = known;
         }
-        let resolved = resolved?;
+        let mut resolved = resolved?;
+        if let Some(nm) = &nm
+            && !resolved.full
+        {
+            let before = resolved.changes.len();
+            resolved.changes = tokio::task::block_in_place(|| {
+                nm_local_changes(nm, &root, index, std::mem::take(&mut resolved.changes))
+            })?;
+            if resolved.changes.is_empty() {
+                // Only this node's own applications of remote writes: nothing to ship,
+                // and no sequence number used (replicas would see a gap).
+                tracing::debug!(
+                    content_set = set,
+                    echoes = before,
+                    "captured changes were all applied remote writes; nothing to ship"
+                );
+                report.seq = 0;
+                return Ok(());
+            }
+        }
         let seq = self.next_seq(set);
         let connected: Vec<String> = assignment
             .targets
@@ -1034,6 +1103,8 @@ impl Node {
                 seq,
                 "real-time batch needs a full reconcile"
             );
+            // full_rounds takes the apply lock itself.
+            drop(nm_guard.take());
             let r = self
                 .full_rounds(set, 0, seq, Some(&connected), report)
                 .await;
@@ -1045,7 +1116,6 @@ impl Node {
             // the sequence moved on: replicas must move with it.
             tracing::debug!(content_set = set, seq, "empty batch");
         }
-        let mut resolved = resolved;
         let unsourced = match state.shipped.lock().unwrap().as_mut() {
             Some(r) => r.apply(seq, &resolved.changes),
             None => Vec::new(),
@@ -1082,6 +1152,16 @@ impl Node {
             }
             resolved.changes.extend(extra);
         }
+        let nm_versions = match &nm {
+            Some(nm) => {
+                let v = tokio::task::block_in_place(|| nm.stamp_local(seq, &resolved.changes))?;
+                Some(Arc::new(transfer::OutVersions::Changes(
+                    v.iter().map(crate::nm::version_pb).collect(),
+                )))
+            }
+            None => None,
+        };
+        drop(nm_guard);
         let out = self.outgoing(
             &assignment,
             set,
@@ -1094,6 +1174,7 @@ impl Node {
             },
             root,
         );
+        let out = with_versions(out, nm_versions);
         let connected_peers: Vec<pb::Peer> = assignment
             .targets
             .iter()
@@ -1108,6 +1189,7 @@ impl Node {
             report.targets.push(tr);
             if let Ok(st) = &r {
                 report.targets.extend(st.apply.subtree.iter().cloned());
+                report.conflicts.extend(st.apply.conflicts.iter().cloned());
             }
             match r {
                 Ok(st)
@@ -1244,7 +1326,21 @@ impl Node {
             let t0 = Instant::now();
             let began = t0;
             let filter = state.filter();
+            // N:M: scan and version under the apply lock, so every entry's version is
+            // that of what was scanned.
+            let nm = self.nm(set);
+            let nm_guard = match &nm {
+                Some(n) => Some(n.apply_lock.lock().await),
+                None => None,
+            };
             let (root, manifest) = self.scan_for_targets(set, &filter)?;
+            let nm_versions = match &nm {
+                Some(n) => Some(Arc::new(transfer::OutVersions::Full(
+                    tokio::task::block_in_place(|| n.versions_for_full(&manifest, seq))?,
+                ))),
+                None => None,
+            };
+            drop(nm_guard);
             if assignment.is_source {
                 *state.known.lock().unwrap() = (assignment.realtime && !filter.is_noop())
                     .then(|| realtime::KnownTree::from_manifest(&manifest));
@@ -1266,12 +1362,18 @@ impl Node {
             let out = self.outgoing(
                 &assignment,
                 set,
-                assignment.source.clone(),
+                // The origin is this node as a source (one of several in N:M).
+                if assignment.is_source {
+                    self.name.clone()
+                } else {
+                    assignment.source.clone()
+                },
                 seq,
                 job_id,
                 OutBody::Full(manifest),
                 Arc::new(root),
             );
+            let out = with_versions(out, nm_versions);
             let mut below = Vec::new();
             let mut lost_link = false;
             for (peer, r, took) in self.send_all(&out, std::mem::take(&mut pending)).await {
@@ -1293,6 +1395,7 @@ impl Node {
                         entry.ok = st.apply.ok;
                         entry.error = st.apply.error.clone();
                         below.extend(st.apply.subtree.iter().cloned());
+                        report.conflicts.extend(st.apply.conflicts.iter().cloned());
                         if st.apply.ok && st.changed_since_scan == 0 && st.apply.skipped == 0 {
                             state.sent.lock().unwrap().insert(peer.name.clone(), seq);
                             state
@@ -1416,6 +1519,7 @@ impl Node {
             delta: a.delta(),
             cache: self.delta_cache.clone(),
             upstream: None,
+            versions: None,
         })
     }
 
@@ -1773,11 +1877,22 @@ impl Node {
             .map(|a| (a.source.clone(), a.parent.clone()))
             .unzip();
         let from = hello.node_name.as_str();
+        // N:M: from any of the sources, each sending its own writes.
+        let nm_sources: Vec<String> = state
+            .assignment
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|a| a.sources.clone())
+            .unwrap_or_default();
+        let nm_ok = nm_sources.iter().any(|s| s == from) && begin.origin == from;
         let sender_ok = source.as_deref() == Some(from)
             || parent
                 .as_deref()
                 .is_some_and(|p| !p.is_empty() && p == from);
-        if !sender_ok || Some(&begin.origin) != source.as_ref() {
+        if !nm_ok
+            && (!nm_sources.is_empty() || !sender_ok || Some(&begin.origin) != source.as_ref())
+        {
             conn.send_error(
                 pb::error::ErrorCode::Unauthenticated,
                 "you are neither the source of this content set nor this node's assigned parent",
@@ -1791,7 +1906,14 @@ impl Node {
         }
         // Bounded: during a change of routes two nodes may briefly send to each other,
         // each holding its own lock while it forwards; one of them gives way.
-        let Ok(_busy) = tokio::time::timeout(BUSY_WAIT, state.busy.lock()).await else {
+        // N:M: every source sends while it receives from the others, so a transfer
+        // in waits for applies (the apply lock), not for this node's own sends.
+        let nm = self.nm(&begin.content_set);
+        let lock = match &nm {
+            Some(n) => &n.apply_lock,
+            None => &state.busy,
+        };
+        let Ok(_busy) = tokio::time::timeout(BUSY_WAIT, lock.lock()).await else {
             conn.send_error(
                 pb::error::ErrorCode::Busy,
                 format!("`{}` is busy with another transfer", begin.content_set),
@@ -1812,11 +1934,14 @@ impl Node {
             owner: self.owner,
             filter: state.filter(),
             tap: None,
+            nm_source: nm_sources.iter().any(|s| *s == self.name),
+            nm: nm.clone(),
         };
         // Held by this transfer alone (the busy lock): take it out of the mutex so no
         // guard lives across an await; a failed transfer leaves nothing to build on.
         let mut replica = std::mem::take(&mut *state.replica.lock().unwrap());
-        let mut r = if !begin.dry_run && self.relays(&begin.content_set, from) {
+        // N:M sets are routed directly: a node never passes on what it receives.
+        let mut r = if !begin.dry_run && nm.is_none() && self.relays(&begin.content_set, from) {
             // Cut-through: the children's transfers run alongside this one and take
             // each file as soon as it is staged and verified here.
             let (tap, upstream) = relay::channel();
@@ -1921,6 +2046,47 @@ impl Node {
             }
         }
     }
+}
+
+/// `out` carrying N:M `versions`, if any.
+fn with_versions(
+    out: Arc<Outgoing>,
+    versions: Option<Arc<transfer::OutVersions>>,
+) -> Arc<Outgoing> {
+    match versions {
+        None => out,
+        Some(v) => Arc::new(Outgoing {
+            versions: Some(v),
+            ..(*out).clone()
+        }),
+    }
+}
+
+/// An N:M source's own writes in a captured batch: renames become a removal and the
+/// moved subtree as it is now (each path then has a version of its own), and changes
+/// that only re-find what this node applied from other sources (echoes) are dropped.
+fn nm_local_changes(
+    nm: &crate::nm::NmSet,
+    root: &fs::Root,
+    index: &mut fs::HashIndex,
+    changes: Vec<cd_core::changeset::Change>,
+) -> anyhow::Result<Vec<cd_core::changeset::Change>> {
+    use cd_core::changeset::Change;
+    let mut out = Vec::with_capacity(changes.len());
+    for c in changes {
+        match c {
+            Change::Rename { from, to } => {
+                out.push(Change::Remove(from));
+                match fs::scan_subtree(root, &to, index)? {
+                    None => out.push(Change::Remove(to)),
+                    Some(s) => out.extend(s.entries.into_iter().map(Change::Upsert)),
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.retain(|c| !nm.is_echo(c));
+    Ok(out)
 }
 
 /// Adds what a transfer sent to a target's result.

@@ -45,6 +45,26 @@ use crate::config::{CatchUp, MasterConfig, MasterContentSet, Routing};
 /// How long a link a relay reported broken is routed around before it is tried again.
 pub const BROKEN_LINK_HOLD: Duration = Duration::from_secs(120);
 
+/// An N:M set's members that `node` (one of its `sources`) sends to: every other
+/// member that is up. The first source's direct table (`routes`) has an edge to every
+/// other member that is up; the first source itself counts when it `is_up`.
+pub fn nm_children(
+    sources: &[String],
+    routes: Option<&SetRoutes>,
+    node: &str,
+    is_up: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let primary = sources.first().filter(|p| is_up(p)).cloned();
+    let mut out: Vec<String> = routes
+        .map(|r| r.edges.keys().cloned().collect())
+        .unwrap_or_default();
+    out.extend(primary);
+    out.retain(|m| m != node);
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The wire and label name of a link class.
 pub fn class_name(c: LinkClass) -> &'static str {
     match c {
@@ -143,7 +163,15 @@ impl Farm {
                 let id = |n: &str| topo.resolve(n);
                 Ok(SetState {
                     source: id(&s.source)?,
-                    targets: s.targets.iter().map(|t| id(t)).collect::<Result<_, _>>()?,
+                    // An N:M set's other sources receive the primary's writes as its
+                    // targets do (see `MasterConfig::members`).
+                    targets: s
+                        .sources
+                        .iter()
+                        .skip(1)
+                        .chain(&s.targets)
+                        .map(|t| id(t))
+                        .collect::<Result<_, _>>()?,
                     scheduler: CatchUpScheduler::new(match s.catch_up {
                         CatchUp::Immediate => CatchUpPolicy::Immediate,
                         // The master makes them due: by command, or at the time.
@@ -184,6 +212,15 @@ impl Farm {
             .iter()
             .find(|s| s.cfg.name == set)
             .map(|s| &s.routes)
+    }
+
+    /// The class of the link between two nodes of the farm (same group when either
+    /// is unknown, which a validated config never gives).
+    pub fn link_class(&self, a: &str, b: &str) -> LinkClass {
+        match (self.topo.id(a), self.topo.id(b)) {
+            (Some(a), Some(b)) => self.topo.link_class(a, b),
+            _ => LinkClass::SameGroup,
+        }
     }
 
     /// `node` is catching up in `set` (behind, and routed for it).
@@ -345,6 +382,11 @@ impl Farm {
     /// Puts target `id` of set `si` on the catch-up list if it is behind the source.
     fn judge(&mut self, si: usize, id: ServerId, now_ms: u64) -> Vec<FarmEvent> {
         let s = &self.sets[si];
+        // An N:M set has no single sequence to be behind on: every source gives each
+        // member it (re)gains a full last-writer-wins reconcile of its own.
+        if s.cfg.sources.len() > 1 {
+            return Vec::new();
+        }
         let Some(source_seq) = s.source_seq else {
             return Vec::new();
         };
@@ -590,8 +632,11 @@ impl Farm {
         }
         let name = |id: ServerId| self.topo.name(id).to_owned();
         if s.cfg.routing == Routing::Direct {
+            // N:M: every source sends to every member; the table says who is up (the
+            // primary source's edges), whether the primary is or not.
+            let nm = s.cfg.sources.len() > 1;
             for &t in &s.targets {
-                if health.get(s.source) == Health::Down {
+                if !nm && health.get(s.source) == Health::Down {
                     out.unreached.insert(name(t), "source down".into());
                 } else if health.get(t) == Health::Down {
                     out.unreached.insert(name(t), self.down_reason(s, t));

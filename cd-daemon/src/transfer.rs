@@ -95,6 +95,17 @@ pub struct Outgoing {
     /// On a relay forwarding while it still receives: where content comes from
     /// before it is in `root` ([`relay`](crate::relay)). `None`: `root` holds it all.
     pub upstream: Option<crate::relay::Upstream>,
+    /// N:M content sets: the versions the body carries (see [`crate::nm`]).
+    pub versions: Option<Arc<OutVersions>>,
+}
+
+/// The versions of an N:M body ([`Outgoing::versions`]).
+#[derive(Debug, Clone)]
+pub enum OutVersions {
+    /// One per change of an incremental body, in order.
+    Changes(Vec<pb::LwwVersion>),
+    /// A full manifest's: every entry's, and the sender's tombstones.
+    Full(Vec<pb::PathVersion>),
 }
 
 /// What a transfer carries.
@@ -176,6 +187,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         entry_count: count,
         base_seq,
         dry_run: false,
+        versioned: out.versions.is_some(),
     }))
     .await?;
     match &out.body {
@@ -184,10 +196,35 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             send_chunked(conn, items, |entries, last| {
                 Msg::ManifestChunk(pb::ManifestChunk { entries, last })
             })
-            .await?
+            .await?;
+            if let Some(v) = &out.versions {
+                let OutVersions::Full(v) = &**v else {
+                    return Err(TransferError::Protocol(
+                        "a full body with per-change versions".into(),
+                    ));
+                };
+                send_chunked(conn, v.clone(), |versions, last| {
+                    Msg::VersionChunk(pb::VersionChunk { versions, last })
+                })
+                .await?
+            }
         }
         OutBody::Incremental { changes, .. } => {
-            let items: Vec<pb::Change> = changes.iter().map(pb::Change::from).collect();
+            let mut items: Vec<pb::Change> = changes.iter().map(pb::Change::from).collect();
+            if let Some(v) = &out.versions {
+                match &**v {
+                    OutVersions::Changes(v) if v.len() == items.len() => {
+                        for (c, v) in items.iter_mut().zip(v) {
+                            c.version = Some(v.clone());
+                        }
+                    }
+                    _ => {
+                        return Err(TransferError::Protocol(
+                            "an incremental body without one version per change".into(),
+                        ));
+                    }
+                }
+            }
             send_chunked(conn, items, |changes, last| {
                 Msg::ChangeChunk(pb::ChangeChunk { changes, last })
             })
@@ -617,6 +654,12 @@ pub struct ReceiveContext {
     /// On a relay that forwards while it receives: told the plan and each verified
     /// staged content as they happen ([`relay`](crate::relay)).
     pub tap: Option<Arc<crate::relay::Tap>>,
+    /// An N:M content set: its version store (see [`crate::nm`]); every transfer
+    /// must be versioned and is applied last-writer-wins per path.
+    pub nm: Option<Arc<crate::nm::NmSet>>,
+    /// N:M: this node is one of the sources (its unversioned paths are its own
+    /// writes not yet captured, never removed by a reconcile).
+    pub nm_source: bool,
 }
 
 /// Replica-side outcome, for status and logs. The caller answers the source with
@@ -753,8 +796,16 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             begin.entry_count
         )));
     }
+    if begin.versioned != ctx.nm.is_some() {
+        return Err(TransferError::Refused(if begin.versioned {
+            "a versioned (N:M) transfer for a content set with one source here".into()
+        } else {
+            "an unversioned transfer for an N:M content set".into()
+        }));
+    }
     let mut entries: Vec<Entry> = Vec::new();
     let mut changes: Vec<Change> = Vec::new();
+    let mut versions: Vec<Option<pb::LwwVersion>> = Vec::new();
     loop {
         let (n, last) = match conn.recv_msg().await? {
             Msg::ManifestChunk(c) if begin.full => {
@@ -767,7 +818,8 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                 (entries.len(), c.last)
             }
             Msg::ChangeChunk(c) if !begin.full => {
-                for ch in c.changes {
+                for mut ch in c.changes {
+                    versions.push(ch.version.take());
                     changes.push(
                         Change::try_from(ch)
                             .map_err(|e| TransferError::BadManifest(e.to_string()))?,
@@ -792,7 +844,26 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             break;
         }
     }
-    if !begin.full && state.last_applied.as_ref() != Some(&(begin.origin.clone(), begin.base_seq)) {
+    // N:M: per-path versions instead of one sequence to follow (see crate::nm).
+    let mut nm_versions = Vec::new();
+    if let Some(nm) = &ctx.nm {
+        if begin.full {
+            nm_versions = recv_versions(conn, begin.entry_count).await?;
+        } else if nm.last_seq(&begin.origin) != begin.base_seq {
+            tracing::info!(content_set = %begin.content_set, origin = %begin.origin, base_seq = begin.base_seq, holds = nm.last_seq(&begin.origin), "N:M change set does not follow what this replica holds of its origin; asking for a full manifest");
+            return Ok(ReceiveStats {
+                apply: pb::ApplyResult {
+                    need_full: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+        }
+    }
+    if ctx.nm.is_none()
+        && !begin.full
+        && state.last_applied.as_ref() != Some(&(begin.origin.clone(), begin.base_seq))
+    {
         // A gap (or no base at all, e.g. after a restart): this replica cannot know
         // what the changes apply to. Ask for the whole tree instead of guessing.
         tracing::info!(
@@ -810,6 +881,7 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         });
     }
     if let Some((origin, seq)) = &state.last_applied
+        && ctx.nm.is_none()
         && begin.full
         && *origin == begin.origin
         && begin.seq < *seq
@@ -830,19 +902,28 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
             ..Default::default()
         });
     }
-    let forward = Some(if begin.full {
-        OutBody::Full(Arc::new(
+    // An N:M set is routed directly: nothing is passed on.
+    let forward = if ctx.nm.is_some() {
+        None
+    } else if begin.full {
+        Some(OutBody::Full(Arc::new(
             Manifest::from_entries(entries.clone())
                 .map_err(|e| TransferError::BadManifest(e.to_string()))?,
-        ))
+        )))
     } else {
-        OutBody::Incremental {
+        Some(OutBody::Incremental {
             base_seq: begin.base_seq,
             changes: Arc::new(changes.clone()),
-        }
-    });
+        })
+    };
     let owner = ctx.owner;
-    let cached = if begin.full { None } else { state.local.take() };
+    // N:M: members write locally too, so the tree is scanned every time.
+    let cached = if begin.full || ctx.nm.is_some() {
+        None
+    } else {
+        state.local.take()
+    };
+    let mut nm_outcome = None;
     state.local = None;
     let (root, plan, desired, bases) =
         tokio::task::block_in_place(|| -> Result<Planned, TransferError> {
@@ -856,7 +937,20 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
                     local
                 }
             };
-            let received = if begin.full {
+            let received = if let Some(nm) = &ctx.nm {
+                let (tree, outcome) = crate::nm::received(
+                    nm,
+                    &local,
+                    begin,
+                    entries,
+                    changes,
+                    versions,
+                    std::mem::take(&mut nm_versions),
+                    ctx.nm_source,
+                )?;
+                nm_outcome = Some(outcome);
+                Ok::<_, cd_core::manifest::ManifestError>(tree)
+            } else if begin.full {
                 Manifest::from_entries(entries)
             } else {
                 ChangeSet {
@@ -1079,6 +1173,11 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         skipped: report.skipped.max(skipped),
         ..Default::default()
     };
+    if let (Some(nm), Some(outcome)) = (&ctx.nm, nm_outcome) {
+        // Recorded before the busy lock is released, so the capture judges the
+        // writes it sees against them (echo suppression).
+        crate::nm::applied(nm, begin, &desired, outcome, &mut stats.apply);
+    }
     // Remember the tree only when it is exactly what was asked for; anything less and
     // the next change set must not build on it.
     if report.errors.is_empty() && stats.apply.skipped == 0 {
@@ -1089,6 +1188,34 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     }
     state.save(&ctx.state_path);
     Ok(stats)
+}
+
+/// The `VersionChunk`s that follow a versioned full manifest (at most one version per
+/// entry plus as many tombstones).
+async fn recv_versions<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    entry_count: u64,
+) -> Result<Vec<pb::PathVersion>, TransferError> {
+    let mut out = Vec::new();
+    loop {
+        match conn.recv_msg().await? {
+            Msg::VersionChunk(c) => {
+                out.extend(c.versions);
+                if out.len() as u64 > MAX_ENTRIES.max(entry_count.saturating_mul(2)) {
+                    return Err(TransferError::BadManifest("too many versions".into()));
+                }
+                if c.last {
+                    return Ok(out);
+                }
+            }
+            m => {
+                return Err(TransferError::Protocol(format!(
+                    "expected a version chunk, got {}",
+                    msg_name(&m)
+                )));
+            }
+        }
+    }
 }
 
 /// Refuses a transfer after its body: an empty need list and no signatures, then

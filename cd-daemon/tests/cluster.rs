@@ -326,6 +326,21 @@ fn bad_config_exits_64() {
             "colour",
         ),
         bad(
+            "N:M source listed twice",
+            master.replace(
+                "source = \"node1\"",
+                "sources = [\"node1\", \"node3\", \"node1\"]",
+            ),
+            "sources",
+            "listed twice",
+        ),
+        bad(
+            "N:M source also a target",
+            master.replace("source = \"node1\"", "sources = [\"node1\", \"node2\"]"),
+            "targets = [",
+            "cannot also be a target",
+        ),
+        bad(
             "missing field",
             node.replace("master_addr = \"127.0.0.1:7700\"\n", ""),
             "[node]",
@@ -2651,4 +2666,207 @@ fn relay_upstream_cut_leaves_children_unchanged() {
     let r = sync_ok(&c);
     assert_eq!(target_report(&r, "node3").unwrap()["via"], "node2", "{r}");
     assert_replicas_identical(&c);
+}
+
+/// Every node's tree of an N:M set is the same (compared with the first), within `limit`.
+fn wait_all_identical(c: &Cluster, limit: Duration, what: &str) {
+    let nodes = c.nodes();
+    let first = c.root(&nodes[0]).unwrap();
+    let start = Instant::now();
+    loop {
+        let mut diffs = Vec::new();
+        for n in &nodes[1..] {
+            match compare(&first, &c.root(n).unwrap()) {
+                Ok(d) => diffs.extend(d.into_iter().take(10).map(|x| format!("{n}: {x}"))),
+                Err(e) => diffs.push(format!("{n}: cannot compare yet: {e:#}")),
+            }
+        }
+        if diffs.is_empty() {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "{what}: nodes still differ after {limit:?}:\n{}\n{}",
+                diffs.join("\n"),
+                c.diagnostics()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The real-time rounds in the master's job log, and the change-set numbers the two
+/// editors have used: what keeps growing if writes ping-pong between sources.
+fn nm_activity(c: &Cluster) -> (usize, Vec<Value>) {
+    let jobs = master_json(c, &["jobs", "--limit", "10000"]);
+    let rounds = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["kind"] == "realtime")
+        .count();
+    let seqs = ["node1", "node2"]
+        .iter()
+        .map(|n| {
+            let st = c.status(n).unwrap();
+            st["node"]["content_sets"].clone()
+        })
+        .collect();
+    (rounds, seqs)
+}
+
+/// N:M: two editors' servers (`node1`, `node2`) both write one content set in real
+/// time; `node3` is a plain target. Independent writes reach everyone; concurrent
+/// writes to one path end with the same winner everywhere and a `conflict` in the
+/// master's job log; a delete racing a modify resolves the same way everywhere; and
+/// once quiet, nothing keeps travelling (no echo ping-pong).
+#[test]
+fn nm_editors_converge_last_writer_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(3, tmp.path(), &cdd(), &cdctl());
+    spec.mode = Some("realtime");
+    spec.sources = 2;
+    let mut c = Cluster::start(spec).unwrap_or_else(|e| panic!("cluster did not start: {e:#}"));
+    let (r1, r2, r3) = (
+        c.root("node1").unwrap(),
+        c.root("node2").unwrap(),
+        c.root("node3").unwrap(),
+    );
+    // The editors start their streams (a full round each) once assigned.
+    thread::sleep(Duration::from_secs(2));
+
+    // (a) Independent writes on each editor reach every node.
+    fs::create_dir(r1.join("docs")).unwrap();
+    fs::write(r1.join("docs/one.html"), b"written on node1").unwrap();
+    fs::write(r2.join("two.html"), noise(2, 300_000)).unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "independent writes");
+    assert_eq!(
+        fs::read(r3.join("docs/one.html")).unwrap(),
+        b"written on node1"
+    );
+    assert_eq!(fs::read(r1.join("two.html")).unwrap(), noise(2, 300_000));
+    // A file created in a directory that arrived earlier moves the directory's mtime
+    // on its editor: that travels too (it is not mistaken for an echo).
+    fs::create_dir(r2.join("media")).unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "a new directory");
+    thread::sleep(Duration::from_millis(1100));
+    fs::write(r2.join("media/logo.png"), noise(4, 1000)).unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "a file in it, later");
+    // A write on one editor over what came from the other is an ordinary update.
+    fs::write(r1.join("two.html"), b"node1 edits node2's page").unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "update of a remote write");
+    assert_eq!(
+        fs::read(r2.join("two.html")).unwrap(),
+        b"node1 edits node2's page"
+    );
+
+    // (b) Concurrent writes of one path on both editors: one winner everywhere.
+    let a = b"node1's version of the shared page".to_vec();
+    let b = b"node2's version of the shared page, longer".to_vec();
+    fs::write(r1.join("shared.html"), &a).unwrap();
+    fs::write(r2.join("shared.html"), &b).unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "concurrent writes");
+    let winner = fs::read(r3.join("shared.html")).unwrap();
+    assert!(winner == a || winner == b, "a winner, not a mix");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let conflict = loop {
+        let events = master_json(&c, &["events", "--limit", "1000"]);
+        let found = events.as_array().unwrap().iter().find(|e| {
+            e["kind"] == "conflict"
+                && e["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("shared.html")
+        });
+        if let Some(e) = found {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no conflict for shared.html in the job log: {events}\n{}",
+            c.diagnostics()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    // The event names the winner's origin first: the one whose content everyone holds.
+    let detail = conflict["detail"].as_str().unwrap().to_owned();
+    let winner_origin = if winner == a { "node1@" } else { "node2@" };
+    assert!(
+        detail.starts_with(&format!("shared.html: {winner_origin}")),
+        "{detail} (content everywhere is {winner_origin}'s)"
+    );
+
+    // (c) A delete on one editor racing a modify on the other: the same everywhere.
+    fs::write(r1.join("contested.html"), b"first").unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "contested page created");
+    fs::remove_file(r1.join("contested.html")).unwrap();
+    fs::write(r2.join("contested.html"), b"node2 keeps editing").unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "delete versus modify");
+    let left = [&r1, &r2, &r3].map(|r| fs::read(r.join("contested.html")).ok());
+    assert!(
+        left.iter().all(|x| *x == left[0])
+            && (left[0].is_none() || left[0].as_deref() == Some(&b"node2 keeps editing"[..])),
+        "{left:?}"
+    );
+
+    // (d) No echoes: a write on one editor makes the other ship nothing (it applies
+    // the write and its capture sees it, but it is not its own write).
+    let seq = |n: &str| -> u64 {
+        let st = c.status(n).unwrap();
+        st["node"]["content_sets"][0]["nm"]["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no N:M seq in {st}"))
+    };
+    thread::sleep(Duration::from_secs(2));
+    for (writer, other, root) in [("node1", "node2", &r1), ("node2", "node1", &r2)] {
+        let (w0, o0) = (seq(writer), seq(other));
+        fs::write(root.join(format!("from-{writer}.html")), noise(9, 50_000)).unwrap();
+        fs::create_dir_all(root.join(format!("dir-{writer}/sub"))).unwrap();
+        fs::write(root.join(format!("dir-{writer}/sub/f")), b"x").unwrap();
+        wait_all_identical(&c, Duration::from_secs(60), "a write to echo");
+        thread::sleep(Duration::from_secs(2));
+        assert!(seq(writer) > w0, "{writer} shipped its write");
+        assert_eq!(seq(other), o0, "{other} re-shipped {writer}'s write");
+    }
+    // And once quiet, no more rounds and no more change sets.
+    thread::sleep(Duration::from_secs(1));
+    let before = nm_activity(&c);
+    thread::sleep(Duration::from_secs(4));
+    let after = nm_activity(&c);
+    assert_eq!(before.0, after.0, "real-time rounds kept coming");
+    assert_eq!(before.1, after.1, "the editors kept shipping change sets");
+    wait_all_identical(&c, Duration::from_secs(1), "still identical");
+
+    // (e) An editor that comes back with an older tree (killed, so it reconciles in
+    // full) converges instead of clobbering: its full rounds do not remove or revert
+    // what the other wrote meanwhile, and it gets those writes.
+    c.kill("node1", SIGKILL).unwrap();
+    wait_disconnected(&c, "node1");
+    fs::write(r2.join("while-away.html"), b"new on node2").unwrap();
+    fs::write(r2.join("docs/one.html"), b"node2 rewrote it meanwhile").unwrap();
+    fs::remove_file(r2.join("from-node1.html")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fs::read(r3.join("docs/one.html")).unwrap_or_default() != b"node2 rewrote it meanwhile"
+        || !r3.join("while-away.html").exists()
+        || r3.join("from-node1.html").exists()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node3 did not get node2's writes"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    c.restart("node1").unwrap();
+    wait_all_identical(&c, Duration::from_secs(60), "editor back after a crash");
+    for r in [&r1, &r2, &r3] {
+        assert_eq!(
+            fs::read(r.join("docs/one.html")).unwrap(),
+            b"node2 rewrote it meanwhile"
+        );
+        assert_eq!(
+            fs::read(r.join("while-away.html")).unwrap(),
+            b"new on node2"
+        );
+        assert!(!r.join("from-node1.html").exists(), "a delete was undone");
+    }
 }

@@ -633,7 +633,10 @@ impl From<&cd_core::changeset::Change> for pb::Change {
                 to: to.as_bytes().to_vec(),
             }),
         };
-        pb::Change { op: Some(op) }
+        pb::Change {
+            op: Some(op),
+            version: None,
+        }
     }
 }
 
@@ -660,6 +663,7 @@ mod change_tests {
                 from: b"a".to_vec(),
                 to: b"../etc".to_vec(),
             })),
+            version: None,
         };
         assert!(matches!(
             Change::try_from(evil),
@@ -670,11 +674,15 @@ mod change_tests {
             })
         ));
         assert_eq!(
-            Change::try_from(pb::Change { op: None }),
+            Change::try_from(pb::Change {
+                op: None,
+                version: None
+            }),
             Err(ConvertError::EmptyChange)
         );
         let abs = pb::Change {
             op: Some(pb::change::Op::Remove(b"/etc/passwd".to_vec())),
+            version: None,
         };
         assert!(matches!(
             Change::try_from(abs),

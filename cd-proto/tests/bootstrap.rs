@@ -71,6 +71,8 @@ fn bootstrap() {
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
     prost_build::Config::new()
+        // Keeps `ApplyResult` (and with it every `Envelope`) small: a plan is rare.
+        .boxed(".cdsync.v1.ApplyResult.planned")
         .out_dir(&out_dir)
         .compile_fds(fds)
         .unwrap();

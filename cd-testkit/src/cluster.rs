@@ -85,6 +85,9 @@ pub struct ClusterSpec {
     pub placements: BTreeMap<String, Placement>,
     /// Content root of a node, by name, instead of `<roots_dir>/<node>/`.
     pub roots: BTreeMap<String, PathBuf>,
+    /// How many nodes are sources: `node1..=nodeK` (K > 1: an N:M content set,
+    /// `sources = [...]`); the others are targets. Default 1.
+    pub sources: usize,
 }
 
 /// How and where one daemon runs, for a cluster spread over network namespaces.
@@ -139,6 +142,7 @@ impl ClusterSpec {
             sync_timeout: Duration::from_secs(300),
             placements: BTreeMap::new(),
             roots: BTreeMap::new(),
+            sources: 1,
         }
     }
 }
@@ -453,14 +457,30 @@ impl Cluster {
         }
 
         // 2–3. Master.
-        let targets: Vec<String> = (2..=cluster.spec.nodes)
+        let k = cluster.spec.sources.max(1);
+        ensure!(
+            k < cluster.spec.nodes,
+            "sources must leave at least one target"
+        );
+        let targets: Vec<String> = (k + 1..=cluster.spec.nodes)
             .map(|i| format!("node{i}"))
             .collect();
+        let sources_line = if k == 1 {
+            "source = \"node1\"".to_owned()
+        } else {
+            format!(
+                "sources = [{}]",
+                (1..=k)
+                    .map(|i| toml_str(&format!("node{i}")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         let mut cfg = cluster.common_config(MASTER)?;
         let _ = write!(
             cfg,
             "\n[master]\nlisten = {}\npki_dir = {}\n{}\n[[master.content_sets]]\nname = {}\n\
-             source = \"node1\"\ntargets = [{}]\nmax_rate_bytes_per_sec = {}\n",
+             {sources_line}\ntargets = [{}]\nmax_rate_bytes_per_sec = {}\n",
             toml_str(&master_addr.to_string()),
             toml_path(&pki)?,
             cluster

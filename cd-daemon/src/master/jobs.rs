@@ -168,9 +168,37 @@ impl Master {
         Ok(json)
     }
 
+    /// The N:M conflicts a report carries, each once in the job log as a `conflict`
+    /// event (several replicas resolve the same pair; the record is the same).
+    fn log_conflicts(&self, node: &str, r: &pb::JobReport) {
+        for c in &r.conflicts {
+            let path = String::from_utf8_lossy(&c.path);
+            let key = format!("{}\0{path}\0{}\0{}", r.content_set, c.winner, c.loser);
+            {
+                let mut st = self.state.lock().unwrap();
+                if st.conflicts_seen.len() >= 10_000 {
+                    st.conflicts_seen.clear();
+                }
+                if !st.conflicts_seen.insert(key) {
+                    continue;
+                }
+            }
+            let detail = format!("{path}: {} overwrote concurrent {}", c.winner, c.loser);
+            tracing::warn!(content_set = %r.content_set, source = node, resolved_by = %c.node, %detail, "conflict");
+            self.joblog.event(
+                "conflict",
+                Some(&c.node),
+                Some(&r.content_set),
+                (r.job_id != 0).then_some(r.job_id),
+                &detail,
+            );
+        }
+    }
+
     /// A `JobReport` from `node`: the answer to a job this master started, or (job id
     /// 0) a round the source ran on its own.
     pub(super) fn take_report(&self, node: &str, r: pb::JobReport) {
+        self.log_conflicts(node, &r);
         if r.job_id == 0 {
             let kind = match JobKind::parse(&r.kind) {
                 Some(k @ (JobKind::Realtime | JobKind::CatchUp)) => k,

@@ -60,6 +60,8 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         entry_count: manifest.len() as u64,
         base_seq: 0,
         dry_run: true,
+        // N:M sets have no dry run yet: their replicas refuse an unversioned body.
+        versioned: false,
     }))
     .await?;
     let items: Vec<pb::Entry> = manifest.iter().map(pb::Entry::from).collect();
@@ -109,7 +111,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // A relay's answer carries the plans of the targets below it.
     let subtree = std::mem::take(&mut answer.subtree);
-    let mut plan = answer.planned.unwrap_or_default();
+    let mut plan = answer.planned.map(|p| *p).unwrap_or_default();
     let files = out.body.files();
     let policy = DumpPolicy::default();
     let mut bytes = 0usize;
@@ -195,7 +197,7 @@ pub(super) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     stats.apply = pb::ApplyResult {
         ok: true,
         dry_run: true,
-        planned: Some(p),
+        planned: Some(Box::new(p)),
         ..Default::default()
     };
     // The caller answers (a relay first asks the targets below it for their plans).
