@@ -896,16 +896,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                 for (what, v) in [("region", &sv.region), ("group", &sv.group)] {
                     check_name(v.get_ref()).map_err(|r| err(v.span(), format!("{what}: {r}")))?;
                 }
-                let weight = match &sv.weight {
-                    None => 1,
-                    Some(w) if (1..=1_000_000).contains(w.get_ref()) => *w.get_ref() as u32,
-                    Some(w) => {
-                        return Err(err(
-                            w.span(),
-                            format!("weight {} is out of range 1..=1000000", w.get_ref()),
-                        ));
-                    }
-                };
+                let weight = int_in(&sv.weight, "weight", 1..=1_000_000, 1, &err)? as u32;
                 if servers
                     .iter()
                     .any(|x: &ServerSpec| &x.name == sv.name.get_ref())
@@ -941,19 +932,13 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     );
                 }
             }
-            let job_log_retention_days = match &m.job_log_retention_days {
-                None => crate::joblog::DEFAULT_RETENTION_DAYS,
-                Some(d) if (1..=36_500).contains(d.get_ref()) => *d.get_ref() as u32,
-                Some(d) => {
-                    return Err(err(
-                        d.span(),
-                        format!(
-                            "job_log_retention_days {} is out of range 1..=36500",
-                            d.get_ref()
-                        ),
-                    ));
-                }
-            };
+            let job_log_retention_days = int_in(
+                &m.job_log_retention_days,
+                "job_log_retention_days",
+                1..=36_500,
+                crate::joblog::DEFAULT_RETENTION_DAYS.into(),
+                &err,
+            )? as u32;
             let monitor = match &m.monitor {
                 None => MonitorConfig::default(),
                 Some(raw) => parse_monitor(raw, &servers, &err)?,
@@ -1044,16 +1029,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     ));
                 }
             };
-            let debounce_ms = match &n.debounce_ms {
-                None => 0,
-                Some(d) if (0..=600_000).contains(d.get_ref()) => *d.get_ref() as u64,
-                Some(d) => {
-                    return Err(err(
-                        d.span(),
-                        format!("debounce_ms {} is out of range 0..=600000", d.get_ref()),
-                    ));
-                }
-            };
+            let debounce_ms = int_in(&n.debounce_ms, "debounce_ms", 0..=600_000, 0, &err)? as u64;
             let ring_buffer_mib = match &n.ring_buffer_mib {
                 None => 32,
                 Some(r)
@@ -1232,13 +1208,8 @@ fn parse_alerts(
     err: &ErrAt<'_>,
     spans: &mut ResolveSpans,
 ) -> Result<AlertsConfig, ConfigError> {
-    let per_minute = |v: &Option<Spanned<i64>>, default: u32| match v {
-        None => Ok(default),
-        Some(n) if (1..=10_000).contains(n.get_ref()) => Ok(*n.get_ref() as u32),
-        Some(n) => Err(err(
-            n.span(),
-            format!("max_per_minute {} is out of range 1..=10000", n.get_ref()),
-        )),
+    let per_minute = |v: &Option<Spanned<i64>>, default: u32| {
+        int_in(v, "max_per_minute", 1..=10_000, default.into(), err).map(|n| n as u32)
     };
     let mut file = |f: &Spanned<PathBuf>, kind: AlertFile| {
         let p = absolute(f).map_err(|r| err(f.span(), r))?;
@@ -1252,19 +1223,13 @@ fn parse_alerts(
             .map_err(|r| err(u.span(), format!("alertmanager_urls: {r}")))?;
         alertmanager.push(url);
     }
-    let alertmanager_resend_seconds = match &a.alertmanager_resend_seconds {
-        None => DEFAULT_ALERTMANAGER_RESEND_SECONDS,
-        Some(n) if (1..=3600).contains(n.get_ref()) => *n.get_ref() as u64,
-        Some(n) => {
-            return Err(err(
-                n.span(),
-                format!(
-                    "alertmanager_resend_seconds {} is out of range 1..=3600",
-                    n.get_ref()
-                ),
-            ));
-        }
-    };
+    let alertmanager_resend_seconds = int_in(
+        &a.alertmanager_resend_seconds,
+        "alertmanager_resend_seconds",
+        1..=3600,
+        DEFAULT_ALERTMANAGER_RESEND_SECONDS as i64,
+        err,
+    )? as u64;
     let alertmanager_ca_file = match &a.alertmanager_ca_file {
         Some(f) if !alertmanager.iter().any(|u| u.https) => {
             return Err(err(
@@ -1604,6 +1569,25 @@ fn parse_catch_up(v: &str) -> Result<CatchUp, String> {
 
 type ErrAt<'a> = dyn Fn(Range<usize>, String) -> ConfigError + 'a;
 
+/// An optional integer key: `default` when absent, else its value if within `range`,
+/// else an error at the value (`KEY N is out of range A..=B`).
+fn int_in(
+    v: &Option<Spanned<i64>>,
+    key: &str,
+    range: std::ops::RangeInclusive<i64>,
+    default: i64,
+    err: &ErrAt<'_>,
+) -> Result<i64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(n) if range.contains(n.get_ref()) => Ok(*n.get_ref()),
+        Some(n) => Err(err(
+            n.span(),
+            format!("{key} {} is out of range {range:?}", n.get_ref()),
+        )),
+    }
+}
+
 /// `"500ms"`, `"10s"`, `"5m"`, `"1h"`: a positive whole number and one unit.
 pub fn parse_interval(v: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("interval `{v}` is not a whole number with a unit (ms, s, m, h)");
@@ -1696,17 +1680,13 @@ fn parse_monitor(
             .insert(g.get_ref().clone(), ports(&raw_group.service_ports)?);
     }
     out.icmp = raw.icmp.unwrap_or(false);
-    if let Some(d) = &raw.history_days {
-        out.history_days = u32::try_from(*d.get_ref())
-            .ok()
-            .filter(|d| (1..=3650).contains(d))
-            .ok_or_else(|| {
-                err(
-                    d.span(),
-                    format!("history_days {} is out of range 1..=3650", d.get_ref()),
-                )
-            })?;
-    }
+    out.history_days = int_in(
+        &raw.history_days,
+        "history_days",
+        1..=3650,
+        out.history_days.into(),
+        err,
+    )? as u32;
     for t in &raw.thresholds {
         let metric = Metric::parse(t.metric.get_ref()).ok_or_else(|| {
             err(
@@ -1754,18 +1734,7 @@ fn parse_monitor(
                 format!("clear_below {clear_below} must be below above = {above} (hysteresis)"),
             ));
         }
-        let for_samples = match &t.for_samples {
-            None => 1,
-            Some(n) => u32::try_from(*n.get_ref())
-                .ok()
-                .filter(|n| (1..=1000).contains(n))
-                .ok_or_else(|| {
-                    err(
-                        n.span(),
-                        format!("for_samples {} is out of range 1..=1000", n.get_ref()),
-                    )
-                })?,
-        };
+        let for_samples = int_in(&t.for_samples, "for_samples", 1..=1000, 1, err)? as u32;
         let action = match t.action.as_ref().map(|a| (a.get_ref().as_str(), a.span())) {
             None | Some(("alert", _)) => ThresholdAction::Alert,
             Some(("route_around", _)) => ThresholdAction::RouteAround,
@@ -2462,7 +2431,7 @@ max_per_minute = 2
             (
                 thr("metric = \"load1\"\nabove = 8.0\nclear_below = 6.0\nfor_samples = 0"),
                 "0",
-                "for_samples 0",
+                "for_samples 0 is out of range 1..=1000",
             ),
             (
                 thr("metric = \"load1\"\nabove = 8.0"),
