@@ -263,26 +263,11 @@ pub fn resolve(path: &RelPath, current: Option<&Version>, incoming: &Version) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::p;
+    use crate::testutil::{p, version as v};
     use proptest::prelude::*;
 
     fn hlc(wall_ms: u64, logical: u32) -> Hlc {
         Hlc { wall_ms, logical }
-    }
-
-    fn v(origin: &str, wall: u64, seq: u64, seen: &[(&str, u64)]) -> Version {
-        let mut vv = VersionVector::new();
-        for (o, s) in seen {
-            vv.observe(o, *s);
-        }
-        Version::new(
-            Stamp {
-                hlc: hlc(wall, 0),
-                origin: origin.into(),
-            },
-            seq,
-            vv,
-        )
     }
 
     #[test]

@@ -279,26 +279,7 @@ pub fn merge_full(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lww::{Hlc, Stamp, VersionVector};
-    use crate::testutil::{dir, file, p};
-
-    fn v(origin: &str, wall: u64, seq: u64, seen: &[(&str, u64)]) -> Version {
-        let mut vv = VersionVector::new();
-        for (o, s) in seen {
-            vv.observe(o, *s);
-        }
-        Version::new(
-            Stamp {
-                hlc: Hlc {
-                    wall_ms: wall,
-                    logical: 0,
-                },
-                origin: origin.into(),
-            },
-            seq,
-            vv,
-        )
-    }
+    use crate::testutil::{dir, file, p, version as v};
 
     fn held(map: &BTreeMap<RelPath, Held>) -> impl Fn(&RelPath) -> Option<Held> + '_ {
         |p| map.get(p).cloned()

@@ -1,6 +1,7 @@
 //! Fixtures shared by the unit tests of this crate: short constructors for paths,
 //! entries and manifests.
 
+use crate::lww::{Hlc, Stamp, Version, VersionVector};
 use crate::manifest::{Entry, EntryKind, Manifest, Meta};
 use crate::path::RelPath;
 
@@ -53,4 +54,24 @@ pub(crate) fn link(path: &str, target: &str, n: u8) -> Entry {
 
 pub(crate) fn m(entries: impl IntoIterator<Item = Entry>) -> Manifest {
     Manifest::from_entries(entries).unwrap()
+}
+
+/// An N:M version of `origin`'s write number `seq` at `wall` ms (logical 0), having
+/// seen `seen` (origin, seq) of the others.
+pub(crate) fn version(origin: &str, wall: u64, seq: u64, seen: &[(&str, u64)]) -> Version {
+    let mut vv = VersionVector::new();
+    for (o, s) in seen {
+        vv.observe(o, *s);
+    }
+    Version::new(
+        Stamp {
+            hlc: Hlc {
+                wall_ms: wall,
+                logical: 0,
+            },
+            origin: origin.into(),
+        },
+        seq,
+        vv,
+    )
 }
