@@ -608,6 +608,16 @@ impl Master {
         timeout: Duration,
     ) -> anyhow::Result<serde_json::Value> {
         let cs = self.set_named(set)?.clone();
+        if cs.sources.len() > 1 {
+            // Each member holds a version per path from several sources, not one
+            // source's sequence: there is no single number to wait for (yet).
+            anyhow::bail!(
+                "`{}` is an N:M content set (sources {}): `cdctl wait` is not supported for \
+                 N:M sets yet; check `cdctl jobs` and `cdctl events` instead",
+                cs.name,
+                cs.sources.join(", ")
+            );
+        }
         let started = Instant::now();
         let want = match seq {
             Some(q) => q,

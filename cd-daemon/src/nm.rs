@@ -331,13 +331,15 @@ impl NmSet {
 
     /// The versions a full manifest of this node's tree carries: each entry's held
     /// version where what is on disk is what it holds, else a fresh local write of
-    /// change set `seq` (stamped and recorded now); then every tombstone for a path
-    /// the tree lacks. The caller holds [`apply_lock`](Self::apply_lock) across the
-    /// scan that made `manifest` and this call.
+    /// change set `seq` (stamped and, with `record`, recorded now; a dry run records
+    /// nothing); then every tombstone for a path the tree lacks. The caller holds
+    /// [`apply_lock`](Self::apply_lock) across the scan that made `manifest` and this
+    /// call.
     pub fn versions_for_full(
         &self,
         manifest: &Manifest,
         seq: u64,
+        record: bool,
     ) -> anyhow::Result<Vec<pb::PathVersion>> {
         let held = self.all()?;
         let entries = self.entries()?;
@@ -379,7 +381,7 @@ impl NmSet {
                 });
             }
         }
-        if !fresh.is_empty() {
+        if record && !fresh.is_empty() {
             tracing::info!(
                 paths = fresh.len(),
                 seq,
@@ -909,7 +911,7 @@ mod tests {
         s.record_applied(&rec, &tree, "ed2", 3).unwrap();
         // On disk: `a` as received, `b` never stamped (pre-existing content).
         let disk = Manifest::from_entries([file("a", 1, 10), file("b", 2, 10)]).unwrap();
-        let pv = s.versions_for_full(&disk, 4).unwrap();
+        let pv = s.versions_for_full(&disk, 4, true).unwrap();
         let by: BTreeMap<String, (Version, bool)> = pv
             .iter()
             .map(|x| {
@@ -928,7 +930,7 @@ mod tests {
         assert!(by["x"].1);
         assert_eq!(by.len(), 3);
         // `b` is recorded now: asked again, the same version.
-        let again = s.versions_for_full(&disk, 5).unwrap();
+        let again = s.versions_for_full(&disk, 5, true).unwrap();
         assert_eq!(again, pv);
     }
 

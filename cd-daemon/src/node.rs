@@ -1336,7 +1336,7 @@ impl Node {
             let (root, manifest) = self.scan_for_targets(set, &filter)?;
             let nm_versions = match &nm {
                 Some(n) => Some(Arc::new(transfer::OutVersions::Full(
-                    tokio::task::block_in_place(|| n.versions_for_full(&manifest, seq))?,
+                    tokio::task::block_in_place(|| n.versions_for_full(&manifest, seq, true))?,
                 ))),
                 None => None,
             };
@@ -2049,7 +2049,7 @@ impl Node {
 }
 
 /// `out` carrying N:M `versions`, if any.
-fn with_versions(
+pub(super) fn with_versions(
     out: Arc<Outgoing>,
     versions: Option<Arc<transfer::OutVersions>>,
 ) -> Arc<Outgoing> {

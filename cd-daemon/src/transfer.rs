@@ -108,6 +108,25 @@ pub enum OutVersions {
     Full(Vec<pb::PathVersion>),
 }
 
+/// N:M: the `VersionChunk`s that follow a full manifest (nothing for other sets).
+pub(crate) async fn send_full_versions<S: AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    out: &Outgoing,
+) -> Result<(), TransferError> {
+    let Some(v) = &out.versions else {
+        return Ok(());
+    };
+    let OutVersions::Full(v) = &**v else {
+        return Err(TransferError::Protocol(
+            "a full body with per-change versions".into(),
+        ));
+    };
+    send_chunked(conn, v.clone(), |versions, last| {
+        Msg::VersionChunk(pb::VersionChunk { versions, last })
+    })
+    .await
+}
+
 /// What a transfer carries.
 #[derive(Debug, Clone)]
 pub enum OutBody {
@@ -197,17 +216,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
                 Msg::ManifestChunk(pb::ManifestChunk { entries, last })
             })
             .await?;
-            if let Some(v) = &out.versions {
-                let OutVersions::Full(v) = &**v else {
-                    return Err(TransferError::Protocol(
-                        "a full body with per-change versions".into(),
-                    ));
-                };
-                send_chunked(conn, v.clone(), |versions, last| {
-                    Msg::VersionChunk(pb::VersionChunk { versions, last })
-                })
-                .await?
-            }
+            send_full_versions(conn, out).await?;
         }
         OutBody::Incremental { changes, .. } => {
             let mut items: Vec<pb::Change> = changes.iter().map(pb::Change::from).collect();

@@ -2869,4 +2869,54 @@ fn nm_editors_converge_last_writer_wins() {
         );
         assert!(!r.join("from-node1.html").exists(), "a delete was undone");
     }
+
+    // (f) A dry run of the N:M set plans last-writer-wins from the first source and
+    // changes nothing: node3's stray file (no version anywhere) would be removed,
+    // node2's newer page would not be reverted. The real sync then does just that.
+    fs::write(r3.join("stray.html"), b"not from any editor").unwrap();
+    let dry = master_json(&c, &["sync", "--dry-run", "www"]);
+    assert_eq!(dry["ok"], true, "{dry}");
+    let planned = |t: &str| {
+        dry["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["target"] == t)
+            .unwrap_or_else(|| panic!("no plan for {t}: {dry}"))["planned"]
+            .clone()
+    };
+    let p3 = planned("node3");
+    assert_eq!(p3["removed"], serde_json::json!(["stray.html"]), "{dry}");
+    assert_eq!(p3["files_count"], 0, "{dry}");
+    let p2 = planned("node2");
+    assert_eq!(
+        (&p2["files_count"], &p2["removed_count"]),
+        (&serde_json::json!(0), &serde_json::json!(0)),
+        "{dry}"
+    );
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        fs::read(r3.join("stray.html")).unwrap(),
+        b"not from any editor",
+        "the dry run changed node3"
+    );
+    sync_ok(&c);
+    assert!(
+        !r3.join("stray.html").exists(),
+        "the sync kept the stray file"
+    );
+    wait_all_identical(&c, Duration::from_secs(60), "after the N:M sync");
+
+    // (g) The deploy barrier has no single sequence to wait for in an N:M set: it
+    // says so instead of timing out.
+    let mut cmd = Command::new(cdctl());
+    cmd.arg("--socket")
+        .arg(c.socket(MASTER).unwrap())
+        .args(["wait", "www", "--timeout", "5"]);
+    let out = run(cmd, Duration::from_secs(60)).unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("N:M content set") && out.stderr.contains("not supported"),
+        "{out:?}"
+    );
 }

@@ -56,11 +56,26 @@ impl Node {
         }
         let t0 = Instant::now();
         let filter = state.filter();
-        let (root, manifest) = self.scan_for_targets(set, &filter)?;
-        report.scan_ms = t0.elapsed().as_millis() as u64;
-        report.source_entries = manifest.len() as u64;
         let seq = self.current_seq(set);
         report.seq = seq;
+        // N:M: the versions a full reconcile would carry, scanned and versioned under
+        // the apply lock as a real one is; this node's writes not stamped yet get
+        // stamps of the next change set in the plan only (nothing is recorded).
+        let nm = self.nm(set);
+        let nm_guard = match &nm {
+            Some(n) => Some(n.apply_lock.lock().await),
+            None => None,
+        };
+        let (root, manifest) = self.scan_for_targets(set, &filter)?;
+        let versions = match &nm {
+            Some(n) => Some(Arc::new(transfer::OutVersions::Full(
+                tokio::task::block_in_place(|| n.versions_for_full(&manifest, seq + 1, false))?,
+            ))),
+            None => None,
+        };
+        drop(nm_guard);
+        report.scan_ms = t0.elapsed().as_millis() as u64;
+        report.source_entries = manifest.len() as u64;
         let out = self.outgoing(
             &assignment,
             set,
@@ -70,6 +85,7 @@ impl Node {
             OutBody::Full(manifest),
             Arc::new(root),
         );
+        let out = super::with_versions(out, versions);
         let mut tasks = tokio::task::JoinSet::new();
         for (i, peer) in assignment.targets.iter().cloned().enumerate() {
             let node = self.clone();

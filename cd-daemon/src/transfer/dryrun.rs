@@ -60,8 +60,8 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         entry_count: manifest.len() as u64,
         base_seq: 0,
         dry_run: true,
-        // N:M sets have no dry run yet: their replicas refuse an unversioned body.
-        versioned: false,
+        // N:M: each entry's version, so the replica plans last-writer-wins.
+        versioned: out.versions.is_some(),
     }))
     .await?;
     let items: Vec<pb::Entry> = manifest.iter().map(pb::Entry::from).collect();
@@ -69,6 +69,7 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         Msg::ManifestChunk(pb::ManifestChunk { entries, last })
     })
     .await?;
+    super::send_full_versions(conn, out).await?;
     let mut needs = Vec::new();
     loop {
         match conn.recv_msg().await? {
