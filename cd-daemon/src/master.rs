@@ -609,14 +609,7 @@ impl Master {
     ) -> anyhow::Result<serde_json::Value> {
         let cs = self.set_named(set)?.clone();
         if cs.sources.len() > 1 {
-            // Each member holds a version per path from several sources, not one
-            // source's sequence: there is no single number to wait for (yet).
-            anyhow::bail!(
-                "`{}` is an N:M content set (sources {}): `cdctl wait` is not supported for \
-                 N:M sets yet; check `cdctl jobs` and `cdctl events` instead",
-                cs.name,
-                cs.sources.join(", ")
-            );
+            return self.wait_nm(&cs, seq, timeout).await;
         }
         let started = Instant::now();
         let want = match seq {
@@ -657,6 +650,77 @@ impl Master {
             if started.elapsed() >= timeout {
                 return Ok(serde_json::json!({
                     "content_set": cs.name, "seq": want, "consistent": false,
+                    "behind": behind, "waited_ms": waited_ms,
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `cdctl wait` for an N:M set: returns when every member (sources and targets)
+    /// holds, of every other source, the change set that source was at when the wait
+    /// began. There is no one sequence to name, so `--seq` is refused.
+    async fn wait_nm(
+        &self,
+        cs: &crate::config::MasterContentSet,
+        seq: Option<u64>,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        if seq.is_some() {
+            anyhow::bail!(
+                "`{}` is an N:M content set (sources {}): sequence numbers are per source, \
+                 so --seq names nothing; wait without it (every source's newest)",
+                cs.name,
+                cs.sources.join(", ")
+            );
+        }
+        let started = Instant::now();
+        let want: BTreeMap<String, u64> = {
+            let st = self.state.lock().unwrap();
+            let mut want = BTreeMap::new();
+            for s in &cs.sources {
+                let q = st
+                    .farm
+                    .nm_held(s, &cs.name)
+                    .and_then(|h| h.get(s).copied())
+                    .with_context(|| {
+                        format!("the source `{s}` of `{}` has not reported yet", cs.name)
+                    })?;
+                want.insert(s.clone(), q);
+            }
+            want
+        };
+        let members: Vec<&String> = cs.sources.iter().chain(&cs.targets).collect();
+        loop {
+            let behind: Vec<serde_json::Value> = {
+                let st = self.state.lock().unwrap();
+                members
+                    .iter()
+                    .filter_map(|m| {
+                        let held = st.farm.nm_held(m, &cs.name);
+                        let ok = want.iter().all(|(origin, q)| {
+                            held.and_then(|h| h.get(origin)).is_some_and(|h| h >= q)
+                        });
+                        (!ok).then(|| {
+                            serde_json::json!({
+                                "target": m,
+                                "holds": held,
+                                "connected": st.sessions.contains_key(*m),
+                            })
+                        })
+                    })
+                    .collect()
+            };
+            let waited_ms = started.elapsed().as_millis() as u64;
+            if behind.is_empty() {
+                return Ok(serde_json::json!({
+                    "content_set": cs.name, "sources_seq": want, "consistent": true,
+                    "targets": members.len(), "waited_ms": waited_ms,
+                }));
+            }
+            if started.elapsed() >= timeout {
+                return Ok(serde_json::json!({
+                    "content_set": cs.name, "sources_seq": want, "consistent": false,
                     "behind": behind, "waited_ms": waited_ms,
                 }));
             }

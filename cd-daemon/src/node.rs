@@ -344,6 +344,30 @@ impl Node {
     fn progress(&self) -> Vec<pb::SetProgress> {
         let mut out = Vec::new();
         for (name, s) in &self.sets {
+            if let Some(nm) = self.nm(name) {
+                // N:M: what this member holds of every other source, and of its own.
+                let (is_source, sources) = match s.assignment.lock().unwrap().as_ref() {
+                    Some(a) => (a.is_source, a.sources.clone()),
+                    None => continue,
+                };
+                for origin in sources {
+                    let own = origin == self.name;
+                    if own && !is_source {
+                        continue;
+                    }
+                    out.push(pb::SetProgress {
+                        content_set: name.clone(),
+                        seq: if own {
+                            self.current_seq(name)
+                        } else {
+                            nm.last_seq(&origin)
+                        },
+                        origin,
+                        is_source: own,
+                    });
+                }
+                continue;
+            }
             let is_source = s.assignment.lock().unwrap().as_ref().map(|a| a.is_source);
             // Before the first assignment this node cannot tell whether it is the
             // source: it says what it would be at (0: nothing yet), and the master

@@ -145,6 +145,9 @@ pub struct Farm {
     seen: BTreeSet<ServerId>,
     /// Per node and content set: the change set it last applied `(origin, seq)`.
     progress: BTreeMap<(ServerId, String), (String, u64)>,
+    /// N:M sets: per member and set, the newest change set of each source it holds
+    /// (a source's own under its name).
+    nm_held: BTreeMap<(ServerId, String), BTreeMap<String, u64>>,
     /// Nodes the monitor routes around: cause (`threshold:load1`, `check:tcp:80`,
     /// `check:silence`, …) → what was seen.
     degraded: BTreeMap<ServerId, BTreeMap<String, String>>,
@@ -191,6 +194,7 @@ impl Farm {
             up: BTreeSet::new(),
             seen: BTreeSet::new(),
             progress: BTreeMap::new(),
+            nm_held: BTreeMap::new(),
             degraded: BTreeMap::new(),
             epoch: Instant::now(),
         };
@@ -246,6 +250,13 @@ impl Farm {
     pub fn progress(&self, node: &str, set: &str) -> Option<&(String, u64)> {
         let id = self.topo.id(node)?;
         self.progress.get(&(id, set.to_owned()))
+    }
+
+    /// N:M: the newest change set of each source that `node` holds of `set` (a
+    /// source's own under its name), as it last reported.
+    pub fn nm_held(&self, node: &str, set: &str) -> Option<&BTreeMap<String, u64>> {
+        let id = self.topo.id(node)?;
+        self.nm_held.get(&(id, set.to_owned()))
     }
 
     /// A node opened its control session and reported what it holds.
@@ -331,6 +342,21 @@ impl Farm {
             let Some(si) = self.sets.iter().position(|s| s.cfg.name == p.content_set) else {
                 continue;
             };
+            let cfg = &self.sets[si].cfg;
+            if cfg.sources.len() > 1 {
+                // N:M: no single sequence (and no catch-up list, see `judge`); what
+                // each member holds of each source, for `cdctl wait`.
+                let name = self.topo.name(id);
+                let origin = if p.is_source { name } else { p.origin.as_str() };
+                if !cfg.sources.iter().any(|s| s == origin) || (p.is_source && p.origin != name) {
+                    continue;
+                }
+                self.nm_held
+                    .entry((id, p.content_set.clone()))
+                    .or_default()
+                    .insert(origin.to_owned(), p.seq);
+                continue;
+            }
             if p.is_source {
                 if self.sets[si].source != id {
                     continue;

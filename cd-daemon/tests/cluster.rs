@@ -2715,6 +2715,24 @@ fn nm_activity(c: &Cluster) -> (usize, Vec<Value>) {
     (rounds, seqs)
 }
 
+/// An N:M member's newest change-set number (`cdctl status`).
+fn nm_seq(c: &Cluster, n: &str) -> u64 {
+    let st = c.status(n).unwrap();
+    st["node"]["content_sets"][0]["nm"]["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no N:M seq in {st}"))
+}
+
+/// `cdctl wait www --timeout SECS --json` on the master: exit code and answer.
+fn nm_wait(c: &Cluster, secs: &str) -> (i32, Value) {
+    c.cdctl_json(
+        MASTER,
+        &["wait", "www", "--timeout", secs, "--json"],
+        Duration::from_secs(120),
+    )
+    .unwrap()
+}
+
 /// N:M: two editors' servers (`node1`, `node2`) both write one content set in real
 /// time; `node3` is a plain target. Independent writes reach everyone; concurrent
 /// writes to one path end with the same winner everywhere and a `conflict` in the
@@ -2811,12 +2829,7 @@ fn nm_editors_converge_last_writer_wins() {
 
     // (d) No echoes: a write on one editor makes the other ship nothing (it applies
     // the write and its capture sees it, but it is not its own write).
-    let seq = |n: &str| -> u64 {
-        let st = c.status(n).unwrap();
-        st["node"]["content_sets"][0]["nm"]["seq"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no N:M seq in {st}"))
-    };
+    let seq = |n: &str| nm_seq(&c, n);
     thread::sleep(Duration::from_secs(2));
     for (writer, other, root) in [("node1", "node2", &r1), ("node2", "node1", &r2)] {
         let (w0, o0) = (seq(writer), seq(other));
@@ -2907,16 +2920,70 @@ fn nm_editors_converge_last_writer_wins() {
     );
     wait_all_identical(&c, Duration::from_secs(60), "after the N:M sync");
 
-    // (g) The deploy barrier has no single sequence to wait for in an N:M set: it
-    // says so instead of timing out.
+    // (g) The deploy barrier of an N:M set: every member holds every source's newest
+    // change set. It holds now; with node3 down and a new write on node1 it does not
+    // (and says who is behind); once node3 is back it holds, and node3 has the write.
+    let (code, w) = nm_wait(&c, "60");
+    assert_eq!((code, &w["consistent"]), (0, &Value::Bool(true)), "{w}");
+    assert_eq!(w["targets"], 3, "{w}");
+    for s in ["node1", "node2"] {
+        assert!(w["sources_seq"][s].is_u64(), "{w}");
+    }
+    c.kill("node3", SIGKILL).unwrap();
+    wait_disconnected(&c, "node3");
+    let before = nm_seq(&c, "node1");
+    fs::write(r1.join("barrier.html"), b"written while node3 was down").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nm_seq(&c, "node1") <= before {
+        assert!(Instant::now() < deadline, "node1 did not ship its write");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let shipped = nm_seq(&c, "node1");
+    // The master learns node1's newest from its progress report.
+    let w = loop {
+        let (code, w) = nm_wait(&c, "1");
+        if w["sources_seq"]["node1"].as_u64() >= Some(shipped) {
+            assert_eq!(code, 1, "{w}");
+            break w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the master never saw {shipped}: {w}"
+        );
+    };
+    assert_eq!(w["consistent"], false, "{w}");
+    let node3 = w["behind"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["target"] == "node3")
+        .unwrap_or_else(|| panic!("node3 is not behind: {w}"));
+    assert_eq!(node3["connected"], false, "{w}");
+    // Sequence numbers are per source: --seq names nothing in an N:M set.
     let mut cmd = Command::new(cdctl());
-    cmd.arg("--socket")
-        .arg(c.socket(MASTER).unwrap())
-        .args(["wait", "www", "--timeout", "5"]);
+    cmd.arg("--socket").arg(c.socket(MASTER).unwrap()).args([
+        "wait",
+        "www",
+        "--seq",
+        "1",
+        "--timeout",
+        "5",
+    ]);
     let out = run(cmd, Duration::from_secs(60)).unwrap();
     assert!(!out.status.success(), "{out:?}");
-    assert!(
-        out.stderr.contains("N:M content set") && out.stderr.contains("not supported"),
-        "{out:?}"
+    assert!(out.stderr.contains("N:M content set"), "{out:?}");
+    c.restart("node3").unwrap();
+    let (code, w) = c
+        .cdctl_json(
+            MASTER,
+            &["wait", "www", "--timeout", "90", "--json"],
+            Duration::from_secs(120),
+        )
+        .unwrap();
+    assert_eq!((code, &w["consistent"]), (0, &Value::Bool(true)), "{w}");
+    assert_eq!(
+        fs::read(r3.join("barrier.html")).unwrap(),
+        b"written while node3 was down",
+        "the barrier held before node3 had the write"
     );
 }

@@ -245,21 +245,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )?;
             let ok = v["consistent"].as_bool() == Some(true);
+            // What was waited for: change set N, or per source of an N:M set.
+            let (what, holds): (String, fn(&serde_json::Value) -> String) =
+                match v["sources_seq"].as_object() {
+                    Some(m) => (
+                        format!(
+                            "{} (per source)",
+                            m.iter()
+                                .map(|(s, q)| format!("{s}@{q}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        |h: &serde_json::Value| {
+                            h.as_object()
+                                .into_iter()
+                                .flatten()
+                                .map(|(s, q)| format!("{s}@{q}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        },
+                    ),
+                    None => (
+                        format!("change set {}", v["seq"]),
+                        |h: &serde_json::Value| h["seq"].to_string(),
+                    ),
+                };
             if json {
                 out(&serde_json::to_string(&v)?)?;
             } else if ok {
                 out(&format!(
-                    "consistent: all {} targets of {} hold change set {} (waited {} ms)",
+                    "consistent: all {} targets of {} hold {what} (waited {} ms)",
                     v["targets"],
                     v["content_set"].as_str().unwrap_or("?"),
-                    v["seq"],
                     v["waited_ms"]
                 ))?;
             } else {
                 let mut s = format!(
-                    "NOT consistent after {} ms: targets behind change set {} of {}:\n",
+                    "NOT consistent after {} ms: targets behind {what} of {}:\n",
                     v["waited_ms"],
-                    v["seq"],
                     v["content_set"].as_str().unwrap_or("?")
                 );
                 for b in v["behind"].as_array().into_iter().flatten() {
@@ -269,7 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         if b["holds"].is_null() {
                             "nothing known".to_owned()
                         } else {
-                            b["holds"]["seq"].to_string()
+                            holds(&b["holds"])
                         },
                         if b["connected"].as_bool() == Some(true) {
                             ""
