@@ -24,8 +24,18 @@ use serde_json::Value;
 const SETTLE: Duration = Duration::from_secs(90);
 
 /// Labels a `cd_` series may carry besides those Prometheus adds (`instance`, `job`).
+/// Labels the daemons may put on `cd_` series: each has a handful of values
+/// (`content_set` as many as the config names).
 const LABELS: &[&str] = &[
-    "backend", "scope", "class", "path", "state", "queue", "version", "le",
+    "backend",
+    "scope",
+    "class",
+    "path",
+    "state",
+    "queue",
+    "version",
+    "le",
+    "content_set",
 ];
 
 fn binary(var: &str) -> PathBuf {
@@ -359,6 +369,13 @@ fn prometheus_scrapes_a_cluster() {
     let own = &c.status(c.source()).unwrap()["latency"];
     assert!(own["count"].as_u64().is_some_and(|n| n >= 10), "{own}");
     assert!(own["p99_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{own}");
+
+    // The server monitor's gauges, on every node.
+    prom.wait_daemons("cd_monitor_load1 >= 0", &nodes);
+    prom.wait_daemons(
+        "cd_monitor_disk_used_ratio{content_set=\"www\"} > 0",
+        &nodes,
+    );
 
     // Labels: only the low-cardinality ones, on every cd_ series.
     for s in prom.query("{__name__=~\"cd_.+\"}") {
