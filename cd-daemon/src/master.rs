@@ -911,7 +911,8 @@ impl Master {
         {
             let mut st = self.state.lock().unwrap();
             let group = group_of(&st.farm, &name);
-            st.health.connected(&name, &group, Instant::now());
+            st.health
+                .connected(&name, &group, reg.monitor, Instant::now());
         }
         self.push_assignments();
         let (mut rx_conn, mut tx_conn) = conn.split();

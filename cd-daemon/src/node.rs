@@ -526,6 +526,7 @@ impl Node {
             data_addr: self.data_addr.to_string(),
             content_sets: self.sets.keys().cloned().collect(),
             progress: self.progress(),
+            monitor: true,
         }))
         .await?;
         let (mut rx_conn, mut tx_conn) = conn.split();

@@ -416,7 +416,9 @@ fn render_health(v: &serde_json::Value) -> String {
             }
         );
         let x = &n["sample"];
-        if x.is_null() {
+        if n["monitored"] == false {
+            s += "  no monitor (an older cdd): not judged silent, port checks only\n";
+        } else if x.is_null() {
             s += "  no sample yet\n";
         } else {
             s += &format!(

@@ -72,6 +72,9 @@ struct NodeHealth {
     connected: Instant,
     /// When the newest sample came, its sending time, and the sample.
     last: Option<(Instant, i64, pb::MonitorSample)>,
+    /// The node sends samples (it said so at registration; an older cdd does not,
+    /// and is then never judged silent: its heartbeats still prove it alive).
+    samples: bool,
     thresholds: Vec<(Threshold, Hysteresis)>,
     checks: BTreeMap<String, CheckState>,
 }
@@ -110,7 +113,8 @@ impl HealthBook {
     }
 
     /// `node` (of `group`) opened a control session: judged afresh from now.
-    pub fn connected(&mut self, node: &str, group: &str, now: Instant) {
+    /// `samples`: whether it sends monitor samples at all.
+    pub fn connected(&mut self, node: &str, group: &str, samples: bool, now: Instant) {
         let thresholds = thresholds_for(&self.cfg, group)
             .into_iter()
             .map(|t| {
@@ -124,6 +128,7 @@ impl HealthBook {
                 group: group.to_owned(),
                 connected: now,
                 last: None,
+                samples,
                 thresholds,
                 checks: BTreeMap::new(),
             },
@@ -210,7 +215,7 @@ impl HealthBook {
     pub fn silence(&mut self, now: Instant, unix_ms: i64) -> Vec<Change> {
         let limit = self.cfg.interval * SILENT_INTERVALS;
         let mut out = Vec::new();
-        for (name, n) in &mut self.nodes {
+        for (name, n) in self.nodes.iter_mut().filter(|(_, n)| n.samples) {
             let since = n.last.as_ref().map_or(n.connected, |l| l.0);
             let quiet = now.saturating_duration_since(since);
             if quiet > limit {
@@ -255,6 +260,7 @@ impl HealthBook {
                 json!({
                     "node": name,
                     "group": n.group,
+                    "monitored": n.samples,
                     "sample": sample,
                     "thresholds": n.thresholds.iter().map(|(t, h)| json!({
                         "metric": t.metric.as_str(), "above": t.above,
@@ -393,8 +399,8 @@ mod tests {
     fn samples_cross_thresholds_with_hysteresis() {
         let mut b = HealthBook::new(cfg());
         let t0 = Instant::now();
-        b.connected("n2", "web", t0);
-        b.connected("n3", "db", t0);
+        b.connected("n2", "web", true, t0);
+        b.connected("n3", "db", true, t0);
         assert!(b.sample("n2", 1, load(3.0), t0).is_empty());
         let c = b.sample("n2", 2, load(5.0), t0);
         assert_eq!(c.len(), 1, "{c:?}");
@@ -438,10 +444,26 @@ mod tests {
     }
 
     #[test]
+    fn a_node_without_a_monitor_is_never_silent() {
+        // An older cdd: it registers without `monitor` and never sends a sample.
+        let mut b = HealthBook::new(cfg());
+        let t0 = Instant::now();
+        b.connected("n2", "web", false, t0);
+        assert!(b.silence(t0 + Duration::from_secs(3600), 0).is_empty());
+        assert_eq!(b.json(Some("n2"), t0)[0]["monitored"], false);
+        // Its port checks still count.
+        let c = b.check("n2", "tcp:80", Err("refused".into()), 2);
+        assert!(
+            matches!(&c[0], Change::Check { failing: true, .. }),
+            "{c:?}"
+        );
+    }
+
+    #[test]
     fn silence_and_checks_flip_once_each_way() {
         let mut b = HealthBook::new(cfg());
         let t0 = Instant::now();
-        b.connected("n2", "web", t0);
+        b.connected("n2", "web", true, t0);
         assert!(b.silence(t0 + Duration::from_millis(250), 0).is_empty());
         let c = b.silence(t0 + Duration::from_millis(350), 0);
         assert!(

@@ -218,6 +218,10 @@ pub struct Register {
     /// What it holds (see Progress): the master judges at once whether it is behind.
     #[prost(message, repeated, tag = "3")]
     pub progress: ::prost::alloc::vec::Vec<SetProgress>,
+    /// The node samples its server monitor when the Assignment asks. An older node
+    /// (false) never sends samples: the master does not judge its silence.
+    #[prost(bool, tag = "4")]
+    pub monitor: bool,
 }
 /// Master -> node: what this node does for each content set, and who its peers are.
 #[derive(Clone, PartialEq, ::prost::Message)]
