@@ -298,6 +298,18 @@ impl NmSet {
         }
     }
 
+    /// A new version of this node's, of change set `seq`, stamped now by `clock`.
+    fn fresh(&self, clock: &mut HlcClock, seq: u64, seen: &VersionVector) -> Version {
+        Version::new(
+            Stamp {
+                hlc: clock.now(physical_ms()),
+                origin: self.node.clone(),
+            },
+            seq,
+            seen.clone(),
+        )
+    }
+
     /// Stamps this node's own writes of change set `seq` (in order, one timestamp
     /// each) and records them. The caller holds [`apply_lock`](Self::apply_lock).
     pub fn stamp_local(&self, seq: u64, changes: &[Change]) -> anyhow::Result<Vec<Version>> {
@@ -307,14 +319,7 @@ impl NmSet {
         {
             let mut clock = self.clock.lock().unwrap();
             for c in changes {
-                let v = Version::new(
-                    Stamp {
-                        hlc: clock.now(physical_ms()),
-                        origin: self.node.clone(),
-                    },
-                    seq,
-                    seen.clone(),
-                );
+                let v = self.fresh(&mut clock, seq, &seen);
                 match c {
                     Change::Upsert(e) => record.push((e.path.clone(), v.clone(), Some(e.clone()))),
                     Change::Remove(p) => record.push((p.clone(), v.clone(), None)),
@@ -353,14 +358,7 @@ impl NmSet {
                     h.version.clone()
                 }
                 _ => {
-                    let v = Version::new(
-                        Stamp {
-                            hlc: clock.now(physical_ms()),
-                            origin: self.node.clone(),
-                        },
-                        seq,
-                        seen.clone(),
-                    );
+                    let v = self.fresh(&mut clock, seq, &seen);
                     fresh.push((e.path.clone(), v.clone(), Some(e.clone())));
                     v
                 }
