@@ -300,6 +300,14 @@ impl Farm {
         }
         // Down now; the monitor judges it afresh when it is back.
         self.degraded.remove(&id);
+        // What it held of other sources is unknown until it reports again (its tree
+        // may be gone); a source keeps its own newest, which the others must reach.
+        let name = self.topo.name(id).to_owned();
+        for ((n, _), held) in self.nm_held.iter_mut() {
+            if *n == id {
+                held.retain(|origin, _| *origin == name);
+            }
+        }
         let mut ev = vec![FarmEvent {
             kind: "node_down",
             node: node.to_owned(),
@@ -836,6 +844,44 @@ mod tests {
         for n in nodes {
             f.connected(n, &[], Instant::now());
         }
+    }
+
+    #[test]
+    fn nm_progress_is_kept_per_member_and_source_and_forgotten_on_disconnect() {
+        let text = "name = \"m\"\nstate_dir = \"/tmp/x\"\n[master]\nlisten = \"127.0.0.1:0\"\n\
+                    pki_dir = \"/tmp/p\"\n[[master.content_sets]]\nname = \"www\"\n\
+                    sources = [\"n1\", \"n2\"]\ntargets = [\"n3\"]\n";
+        let cfg = crate::config::parse(std::path::Path::new("m.toml"), text).unwrap();
+        let mut f = Farm::new(cfg.master.as_ref().unwrap()).unwrap();
+        let p = |origin: &str, seq, is_source| pb::SetProgress {
+            content_set: "www".into(),
+            origin: origin.into(),
+            seq,
+            is_source,
+        };
+        let now = Instant::now();
+        f.connected("n1", &[p("n1", 7, true), p("n2", 3, false)], now);
+        // n3 is no source: its claim to be one is ignored; so is an unknown origin.
+        f.connected(
+            "n3",
+            &[p("n3", 9, true), p("n1", 7, false), p("x", 1, false)],
+            now,
+        );
+        f.progressed("n3", &[p("n2", 2, false)], now);
+        let held = |f: &Farm, n: &str| f.nm_held(n, "www").cloned().unwrap_or_default();
+        assert_eq!(
+            held(&f, "n1"),
+            BTreeMap::from([("n1".into(), 7), ("n2".into(), 3)])
+        );
+        assert_eq!(
+            held(&f, "n3"),
+            BTreeMap::from([("n1".into(), 7), ("n2".into(), 2)])
+        );
+        // Down: what it held of others is unknown; a source keeps its own newest.
+        f.disconnected("n1", "test");
+        f.disconnected("n3", "test");
+        assert_eq!(held(&f, "n1"), BTreeMap::from([("n1".into(), 7)]));
+        assert!(held(&f, "n3").is_empty());
     }
 
     #[test]
