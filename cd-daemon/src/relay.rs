@@ -221,25 +221,9 @@ pub(crate) async fn send_staged<S: AsyncWrite + Unpin>(
         let policy = DumpPolicy::default();
         match out.cache.patch_from(open, sig, &want, &policy).await {
             Ok(delta::Outcome::Patch(g)) => {
-                conn.send(Msg::FileBegin(pb::FileBegin {
-                    file_id,
-                    size: g.sent.size,
-                    patch_size: g.patch.len() as u64,
-                    base_hash: sig.base().hash.to_vec(),
-                }))
-                .await?;
-                for chunk in g.patch.chunks(cd_proto::frame::MAX_CHUNK_RAW) {
-                    st.wire_bytes += conn.send_data(file_id, chunk, out.zstd_level).await?;
-                    *paced += chunk.len() as u64;
-                    crate::transfer::pace(started, *paced, out.max_rate_bytes_per_sec).await;
-                }
-                conn.send(Msg::FileEnd(file_end(file_id, entry, g.sent.size, want)))
+                let end = file_end(file_id, entry, g.sent.size, want);
+                crate::transfer::send_patch(conn, out, file_id, &g, sig, end, started, paced, st)
                     .await?;
-                st.files_sent += 1;
-                st.bytes_sent += g.sent.size;
-                st.delta_files += 1;
-                st.delta_bytes += g.sent.size;
-                st.patch_bytes += g.patch.len() as u64;
                 return Ok(true);
             }
             Ok(delta::Outcome::Whole) => {}

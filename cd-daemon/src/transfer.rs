@@ -342,26 +342,19 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             let outcome = out.cache.patch(&out.root, &path, sig, &want, &policy).await;
             match outcome {
                 Ok(delta::Outcome::Patch(g)) => {
-                    conn.send(Msg::FileBegin(pb::FileBegin {
-                        file_id: need.file_id,
-                        size: g.sent.size,
-                        patch_size: g.patch.len() as u64,
-                        base_hash: sig.base().hash.to_vec(),
-                    }))
+                    let end = file_end(need.file_id, &g.sent);
+                    send_patch(
+                        conn,
+                        out,
+                        need.file_id,
+                        &g,
+                        sig,
+                        end,
+                        started,
+                        &mut paced,
+                        &mut st,
+                    )
                     .await?;
-                    for chunk in g.patch.chunks(cd_proto::frame::MAX_CHUNK_RAW) {
-                        st.wire_bytes +=
-                            conn.send_data(need.file_id, chunk, out.zstd_level).await?;
-                        paced += chunk.len() as u64;
-                        pace(started, paced, out.max_rate_bytes_per_sec).await;
-                    }
-                    conn.send(Msg::FileEnd(file_end(need.file_id, &g.sent)))
-                        .await?;
-                    st.files_sent += 1;
-                    st.bytes_sent += g.sent.size;
-                    st.delta_files += 1;
-                    st.delta_bytes += g.sent.size;
-                    st.patch_bytes += g.patch.len() as u64;
                     continue;
                 }
                 Ok(delta::Outcome::Changed) => {
@@ -451,6 +444,41 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
             msg_name(&m)
         ))),
     }
+}
+
+/// Sends file `file_id` as the delta `g` against the replica's `sig`: `FileBegin`, the
+/// patch in paced data frames, then `end`; counts it in `st`.
+#[expect(clippy::too_many_arguments, reason = "the pieces of one send, as stream_file takes them")]
+pub(crate) async fn send_patch<S: AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    out: &Outgoing,
+    file_id: u32,
+    g: &delta::Generated,
+    sig: &Signature,
+    end: pb::FileEnd,
+    started: Instant,
+    paced: &mut u64,
+    st: &mut SendStats,
+) -> Result<(), TransferError> {
+    conn.send(Msg::FileBegin(pb::FileBegin {
+        file_id,
+        size: g.sent.size,
+        patch_size: g.patch.len() as u64,
+        base_hash: sig.base().hash.to_vec(),
+    }))
+    .await?;
+    for chunk in g.patch.chunks(cd_proto::frame::MAX_CHUNK_RAW) {
+        st.wire_bytes += conn.send_data(file_id, chunk, out.zstd_level).await?;
+        *paced += chunk.len() as u64;
+        pace(started, *paced, out.max_rate_bytes_per_sec).await;
+    }
+    conn.send(Msg::FileEnd(end)).await?;
+    st.files_sent += 1;
+    st.bytes_sent += g.sent.size;
+    st.delta_files += 1;
+    st.delta_bytes += g.sent.size;
+    st.patch_bytes += g.patch.len() as u64;
+    Ok(())
 }
 
 /// Sends one whole file: `FileBegin`, its content in paced data frames, and returns
