@@ -448,7 +448,10 @@ pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Sends file `file_id` as the delta `g` against the replica's `sig`: `FileBegin`, the
 /// patch in paced data frames, then `end`; counts it in `st`.
-#[expect(clippy::too_many_arguments, reason = "the pieces of one send, as stream_file takes them")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pieces of one send, as stream_file takes them"
+)]
 pub(crate) async fn send_patch<S: AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     out: &Outgoing,
