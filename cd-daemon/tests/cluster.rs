@@ -801,16 +801,21 @@ fn ca_init_refuses_to_overwrite() {
 /// Polls until every replica equals the source (or `limit` passes, then fails with the
 /// remaining differences and the daemons' logs). No `cdctl sync` is involved.
 fn wait_identical(c: &Cluster, limit: Duration, what: &str) {
-    let source = c.root(c.source()).unwrap();
+    wait_same_as(c, c.source(), &c.targets(), limit, what);
+}
+
+/// Polls until every node of `others` holds the tree `reference` holds, within `limit`.
+fn wait_same_as(c: &Cluster, reference: &str, others: &[String], limit: Duration, what: &str) {
+    let first = c.root(reference).unwrap();
     let start = Instant::now();
     loop {
         let mut diffs = Vec::new();
-        for t in c.targets() {
-            // A replica being applied to can lose an entry between listing and reading
+        for n in others {
+            // A tree being applied to can lose an entry between listing and reading
             // it: that is a difference for now, not a failure.
-            match compare(&source, &c.root(&t).unwrap()) {
-                Ok(d) => diffs.extend(d.into_iter().take(10).map(|x| format!("{t}: {x}"))),
-                Err(e) => diffs.push(format!("{t}: cannot compare yet: {e:#}")),
+            match compare(&first, &c.root(n).unwrap()) {
+                Ok(d) => diffs.extend(d.into_iter().take(10).map(|x| format!("{n}: {x}"))),
+                Err(e) => diffs.push(format!("{n}: cannot compare yet: {e:#}")),
             }
         }
         if diffs.is_empty() {
@@ -818,7 +823,7 @@ fn wait_identical(c: &Cluster, limit: Duration, what: &str) {
         }
         if start.elapsed() > limit {
             panic!(
-                "{what}: replicas still differ after {limit:?}:\n{}\n{}",
+                "{what}: still different from {reference} after {limit:?}:\n{}\n{}",
                 diffs.join("\n"),
                 c.diagnostics()
             );
@@ -2671,28 +2676,7 @@ fn relay_upstream_cut_leaves_children_unchanged() {
 /// Every node's tree of an N:M set is the same (compared with the first), within `limit`.
 fn wait_all_identical(c: &Cluster, limit: Duration, what: &str) {
     let nodes = c.nodes();
-    let first = c.root(&nodes[0]).unwrap();
-    let start = Instant::now();
-    loop {
-        let mut diffs = Vec::new();
-        for n in &nodes[1..] {
-            match compare(&first, &c.root(n).unwrap()) {
-                Ok(d) => diffs.extend(d.into_iter().take(10).map(|x| format!("{n}: {x}"))),
-                Err(e) => diffs.push(format!("{n}: cannot compare yet: {e:#}")),
-            }
-        }
-        if diffs.is_empty() {
-            return;
-        }
-        if start.elapsed() > limit {
-            panic!(
-                "{what}: nodes still differ after {limit:?}:\n{}\n{}",
-                diffs.join("\n"),
-                c.diagnostics()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_same_as(c, &nodes[0], &nodes[1..], limit, what);
 }
 
 /// The real-time rounds in the master's job log, and the change-set numbers the two
